@@ -1,0 +1,209 @@
+"""LLaMA-2 decoder with the modality-adaptive module (MAM), on transformers' LLaMA building blocks.
+
+In every layer the two RMSNorms and the K/V projections exist twice, one copy per modality (text,
+visual); queries, output projection, MLP, embeddings and head are shared. Each token goes through
+the copy of its modality.
+
+Routing never synchronises host and device: both copies run on every token and ``torch.where``
+picks per token, so shapes never depend on data (the official code gathers and scatters with
+``nonzero()``, which costs a sync per module per forward). A batch known to be all text on the host
+(no images, or cached decoding where every new token is text) runs the text copy alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaConfig
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.models.llama.modeling_llama import (
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+    apply_rotary_pos_emb,
+)
+
+from owl2.config import DecoderConfig
+
+
+def llama_config(config: DecoderConfig) -> LlamaConfig:
+    """The transformers ``LlamaConfig`` describing the shared (text) part of the decoder."""
+    return LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        hidden_act="silu",
+        max_position_embeddings=config.max_position_embeddings,
+        rms_norm_eps=config.rms_norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        pad_token_id=config.pad_token_id,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+        initializer_range=config.initializer_range,
+        tie_word_embeddings=False,
+        attention_bias=False,
+    )
+
+
+class Multiway(nn.Module):
+    """Two copies of a module, ``text`` and ``visual``; each token uses the copy of its modality."""
+
+    def __init__(self, make: Callable[[], nn.Module]) -> None:
+        super().__init__()
+        self.text = make()
+        self.visual = make()
+
+    def forward(self, x: torch.Tensor, visual_mask: torch.Tensor | None) -> torch.Tensor:
+        """x ``[B, T, D]``; visual_mask ``[B, T]`` bool, or None when every token is text."""
+        if visual_mask is None:
+            return self.text(x)
+        return torch.where(visual_mask.unsqueeze(-1), self.visual(x), self.text(x))
+
+
+class ModalityAdaptiveAttention(nn.Module):
+    """Causal self-attention with shared Q/O and per-modality K/V; grouped-query attention allowed."""
+
+    def __init__(self, config: DecoderConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        kv_width = config.num_kv_heads * config.head_dim
+        self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
+        self.k_proj = Multiway(lambda: nn.Linear(config.hidden_size, kv_width, bias=False))
+        self.v_proj = Multiway(lambda: nn.Linear(config.hidden_size, kv_width, bias=False))
+        self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor,
+        visual_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        """hidden_states ``[B, Q, D]``, attention_mask ``[B, 1, Q, S]`` bool (True = may attend) -> ``[B, Q, D]``."""
+        batch, length, _ = hidden_states.shape
+        q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
+        k = self.k_proj(hidden_states, visual_mask).view(batch, length, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(hidden_states, visual_mask).view(batch, length, self.num_kv_heads, self.head_dim)
+        k, v = k.transpose(1, 2), v.transpose(1, 2)
+        cos, sin = position_embeddings
+        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        if cache is not None:
+            # Cached after the modality-specific projection: image keys keep their visual branch.
+            k, v = cache.update(k, v, self.layer_idx)
+        out = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attention_mask, enable_gqa=self.num_kv_heads != self.num_heads
+        )
+        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+
+
+class DecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: DecoderConfig, llama: LlamaConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = Multiway(lambda: LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps))
+        self.self_attn = ModalityAdaptiveAttention(config, layer_idx)
+        self.post_attention_layernorm = Multiway(lambda: LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps))
+        self.mlp = LlamaMLP(llama)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor,
+        visual_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        attended = self.self_attn(
+            self.input_layernorm(hidden_states, visual_mask), position_embeddings, attention_mask, visual_mask, cache
+        )
+        hidden_states = hidden_states + attended
+        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states, visual_mask))
+
+
+def causal_padding_mask(padding_mask: torch.Tensor, query_length: int) -> torch.Tensor:
+    """``[B, S]`` key mask (1 = real token) -> ``[B, 1, Q, S]`` bool mask for the last Q positions.
+
+    A query that may see no key at all (a leading pad) makes SDPA return NaN; such a row may see
+    itself instead, which keeps the ignored output finite and changes nothing else.
+    """
+    key_length = padding_mask.shape[1]
+    query_index = torch.arange(key_length - query_length, key_length, device=padding_mask.device)[:, None]
+    key_index = torch.arange(key_length, device=padding_mask.device)[None, :]
+    allowed = (key_index <= query_index) & padding_mask.bool()[:, None, None, :]
+    blind = ~allowed.any(dim=-1, keepdim=True)
+    return allowed | (blind & (key_index == query_index))
+
+
+def positions_from_mask(padding_mask: torch.Tensor, query_length: int) -> torch.Tensor:
+    """Positions of the last Q tokens, counted from each row's first real token.
+
+    A left-padded row thus sees the positions it has alone (the official code counts the pads and
+    gives different results in a batch); trailing pads keep counting, as officially.
+    """
+    leading_pads = (padding_mask.long().cumsum(dim=1) == 0).sum(dim=1, keepdim=True)
+    positions = torch.arange(padding_mask.shape[1], device=padding_mask.device)[None, :] - leading_pads
+    return positions[:, -query_length:].clamp(min=0)
+
+
+class Decoder(nn.Module):
+    """Embeddings, MAM decoder layers and the final norm (the LM head lives on the causal LM)."""
+
+    def __init__(self, config: DecoderConfig) -> None:
+        super().__init__()
+        llama = llama_config(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(DecoderLayer(config, llama, i) for i in range(config.num_layers))
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = LlamaRotaryEmbedding(llama)
+
+    def forward(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        visual_mask: torch.Tensor | None = None,
+        position_ids: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        output_hidden_states: bool = False,
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
+        """Run the decoder over new tokens, attending to the cached ones.
+
+        Args:
+            inputs_embeds: ``[B, Q, D]`` embeddings of the new tokens.
+            attention_mask: ``[B, S]`` with S = cached + Q tokens, 1 = real, 0 = padding (None: all real).
+            visual_mask: ``[B, Q]`` bool, True for image tokens (None: all text).
+            position_ids: ``[B, Q]`` (None: counted from the mask, pads excluded).
+            cache: a transformers ``Cache`` updated in place.
+            output_hidden_states: return the input of every layer and the final normed output.
+
+        Returns:
+            ``[B, Q, D]`` normed hidden states, and optionally ``num_layers + 1`` tensors ``[B, Q, D]``.
+        """
+        batch, length, _ = inputs_embeds.shape
+        if attention_mask is None:
+            past = cache.get_seq_length() if cache is not None else 0
+            attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=inputs_embeds.device)
+        if position_ids is None:
+            position_ids = positions_from_mask(attention_mask, length)
+        mask = causal_padding_mask(attention_mask, length)
+        position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+
+        hidden_states = inputs_embeds
+        collected = []
+        for layer in self.layers:
+            if output_hidden_states:
+                collected.append(hidden_states)
+            hidden_states = layer(hidden_states, position_embeddings, mask, visual_mask, cache=cache)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            collected.append(hidden_states)
+        return hidden_states, tuple(collected) if output_hidden_states else None

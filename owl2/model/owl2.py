@@ -1,0 +1,371 @@
+"""``Owl2ForCausalLM``: vision encoder -> visual abstractor -> modality-adaptive LLaMA decoder.
+
+Images enter the token sequence through placeholders: every ``-200`` in ``input_ids`` is replaced by
+that image's ``num_queries + 1`` abstractor tokens, images being consumed in batch order, then
+placeholder order. Logits, labels and masks all refer to this expanded sequence, as in the official
+model. Unlike the official model, rows without images need no dummy image, labels are optional, and
+a left-padded batch gives each row exactly the result it gets alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, LlamaConfig, PretrainedConfig, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+from owl2.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ConfigError, ModelConfig, build, to_dict
+from owl2.model.abstractor import VisualAbstractor
+from owl2.model.decoder import Decoder, llama_config
+from owl2.model.vision import VisionEncoder
+from owl2.model.weights import OFFICIAL, Conversion, LoadReport, convert, load_into, read_config, read_state_dict
+
+
+class Owl2Config(PretrainedConfig):
+    """transformers config wrapping the typed :class:`~owl2.config.ModelConfig` (saved as ``config.json``)."""
+
+    model_type = "owl2"
+
+    vision: dict | None = None
+    abstractor: dict | None = None
+    decoder: dict | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs: Any) -> None:
+        super().__post_init__(**kwargs)
+        spec = self.spec  # validates the three sections together
+        self.vision, self.abstractor, self.decoder = (to_dict(spec.vision), to_dict(spec.abstractor),
+                                                      to_dict(spec.decoder))
+
+    @classmethod
+    def from_spec(cls, spec: ModelConfig, **kwargs: Any) -> Owl2Config:
+        return cls(vision=to_dict(spec.vision), abstractor=to_dict(spec.abstractor), decoder=to_dict(spec.decoder),
+                   **kwargs)
+
+    @property
+    def spec(self) -> ModelConfig:
+        return build(ModelConfig, {"vision": self.vision, "abstractor": self.abstractor, "decoder": self.decoder},
+                     "model")
+
+    @property
+    def initializer_range(self) -> float:
+        return self.spec.decoder.initializer_range
+
+    def get_text_config(self, decoder: bool | None = None, encoder: bool | None = None) -> LlamaConfig:
+        # Generation and caches read the decoder's shape and special tokens from here.
+        return llama_config(self.spec.decoder)
+
+
+@dataclass
+class Owl2Output(CausalLMOutputWithPast):
+    """Causal-LM output plus the expanded sequence's bookkeeping, all ``[B, T]`` over the expanded tokens.
+
+    ``attention_mask`` and ``visual_mask`` cover the whole sequence seen so far (cached tokens included);
+    ``labels`` are the expanded labels (``-100`` on image and padding positions).
+    """
+
+    attention_mask: torch.Tensor | None = None
+    visual_mask: torch.Tensor | None = None
+    labels: torch.Tensor | None = None
+
+
+@dataclass
+class Spliced:
+    """The expanded sequence after image tokens replaced their placeholders."""
+
+    inputs_embeds: torch.Tensor  # [B, T, D]
+    attention_mask: torch.Tensor  # [B, T], 1 = real token
+    visual_mask: torch.Tensor  # [B, T] bool
+    labels: torch.Tensor | None  # [B, T]
+
+
+def splice_images(
+    input_ids: torch.Tensor,
+    embeddings: nn.Embedding,
+    image_tokens: torch.Tensor | None,
+    attention_mask: torch.Tensor | None = None,
+    labels: torch.Tensor | None = None,
+) -> Spliced:
+    """Replace every ``-200`` placeholder by its image's tokens, vectorised over the batch.
+
+    Args:
+        input_ids: ``[B, L]`` token ids with ``-200`` placeholders.
+        embeddings: the decoder's token embedding.
+        image_tokens: ``[N, K, D]`` abstractor outputs, N = number of placeholders in the batch.
+        attention_mask: ``[B, L]`` (None: all ones). labels: ``[B, L]`` or None.
+
+    Rows that expand to different lengths are padded with zero embeddings (mask 0, label -100). The padding
+    goes where the batch already pads: after the tokens in a right-padded batch; before them when every row
+    ends with a real token (left-padded or unpadded, as in generation), so the last position stays real.
+    Reads one small tensor back to the host (the placeholder counts, to size the output and validate).
+    """
+    batch, length = input_ids.shape
+    device = input_ids.device
+    per_image = 0 if image_tokens is None else image_tokens.shape[1]
+    num_images = 0 if image_tokens is None else image_tokens.shape[0]
+    is_image = input_ids == IMAGE_TOKEN_INDEX
+    counts = is_image.sum(dim=1).tolist()
+    if sum(counts) != num_images:
+        raise ValueError(
+            f"input_ids hold {sum(counts)} image placeholders ({IMAGE_TOKEN_INDEX}; per row {counts}) but "
+            f"{num_images} images were given: pass exactly one image per placeholder"
+        )
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    text_embeds = embeddings(input_ids.clamp(min=0))
+    if num_images == 0:
+        return Spliced(text_embeds, attention_mask, torch.zeros_like(is_image), labels)
+
+    # Each position of input_ids covers 1 slot, or per_image slots for a placeholder.
+    widths = torch.where(is_image, per_image, 1)
+    starts = widths.cumsum(dim=1) - widths
+    total = length + (per_image - 1) * max(counts)
+    right_align = attention_mask[:, -1].bool().all()
+    shift = torch.where(right_align, total - widths.sum(dim=1), 0)
+    starts = starts + shift[:, None]
+
+    # Gather from one bank: [text embeddings (B*L rows); image tokens (N*K rows); one zero row for padding].
+    text_rows = torch.arange(batch * length, device=device).view(batch, length)
+    image_ordinal = is_image.flatten().cumsum(dim=0).view(batch, length) - 1
+    slot = torch.arange(per_image, device=device)
+    source = torch.where(
+        is_image[..., None], batch * length + image_ordinal[..., None] * per_image + slot, text_rows[..., None]
+    )
+    used = is_image[..., None] | (slot == 0)
+    # Unused slots of text positions are written to a scratch column that is dropped afterwards.
+    target = torch.where(used, starts[..., None] + slot, total)
+    pad_row = batch * length + num_images * per_image
+    index = torch.full((batch, total + 1), pad_row, dtype=torch.long, device=device)
+    index.scatter_(1, target.view(batch, -1), source.view(batch, -1))
+    index = index[:, :total]
+
+    dim = text_embeds.shape[-1]
+    bank = torch.cat([text_embeds.view(-1, dim), image_tokens.reshape(-1, dim).to(text_embeds.dtype),
+                      text_embeds.new_zeros(1, dim)])
+    mask_bank = torch.cat([attention_mask.flatten(), attention_mask.new_ones(num_images * per_image + 1)])
+    mask_bank[-1] = 0
+    expanded_labels = None
+    if labels is not None:
+        label_bank = torch.cat([labels.flatten(), labels.new_full((num_images * per_image + 1,), IGNORE_INDEX)])
+        expanded_labels = label_bank[index]
+    visual_mask = (index >= batch * length) & (index < pad_row)
+    return Spliced(bank[index], mask_bank[index], visual_mask, expanded_labels)
+
+
+class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
+    """mPLUG-Owl2: ``forward(input_ids, attention_mask, images, labels)`` with ``-200`` image placeholders."""
+
+    config_class = Owl2Config
+    config: Owl2Config
+    base_model_prefix = ""
+    main_input_name = "input_ids"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DecoderLayer", "Block", "AbstractorLayer"]
+    _supports_sdpa = True
+
+    def __init__(self, config: Owl2Config) -> None:
+        super().__init__(config)
+        spec = config.spec
+        self.vision = VisionEncoder(spec.vision)
+        self.abstractor = VisualAbstractor(spec.abstractor, spec.vision.grid_size, spec.decoder.hidden_size)
+        self.decoder = Decoder(spec.decoder)
+        self.lm_head = nn.Linear(spec.decoder.hidden_size, spec.decoder.vocab_size, bias=False)
+        self.post_init()
+
+    # ---------------------------------------------------------------------------------------- set-up
+
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, VisualAbstractor):
+            init.normal_(module.queries, std=std)
+            init.normal_(module.eos, std=std)
+            module.reset_position_tables()
+        elif isinstance(module, VisionEncoder):
+            init.normal_(module.pos_embed, std=std)
+            init.normal_(module.cls_token, std=std)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+        strict: bool = True,
+    ) -> Owl2ForCausalLM:
+        """Load a folder in the official mPLUG-Owl2 format or one written by ``save_pretrained``.
+
+        Official folders (``model_type: mplug_owl2``) are converted through ``weights.OFFICIAL``;
+        safetensors or sharded ``.bin`` files are both read (``.bin`` with ``weights_only=True``).
+        ``strict`` raises if any model weight is missing or any checkpoint key is unknown; otherwise
+        missing weights keep a fresh initialisation. The report is kept as ``model.load_report``.
+        """
+        config = read_config(path)
+        if config.get("model_type") == "mplug_owl2":
+            owl2_config = Owl2Config.from_spec(ModelConfig.from_official(config))
+            conversion = convert(read_state_dict(path), OFFICIAL, owl2_config.spec)
+        elif config.get("model_type") == Owl2Config.model_type:
+            owl2_config = Owl2Config.from_dict(config)
+            conversion = Conversion(state_dict=read_state_dict(path))
+        else:
+            raise ConfigError(f"{path}/config.json has model_type {config.get('model_type')!r}; "
+                              "expected 'owl2' or the official 'mplug_owl2'")
+        model = cls.from_state_dict(owl2_config, conversion, device=device, strict=strict, source=str(path))
+        if dtype is not None:
+            model.to(dtype)
+            model.reset_fixed_buffers()
+        return model.eval()
+
+    @classmethod
+    def from_state_dict(
+        cls, config: Owl2Config, conversion: Conversion, *, device: str | torch.device = "cpu", strict: bool = True,
+        source: str = "state dict",
+    ) -> Owl2ForCausalLM:
+        """Build without a throw-away random initialisation: allocate, init only what is missing, load."""
+        with torch.device("meta"):
+            model = cls(config)
+        model.to_empty(device=device)
+        missing = set(model.state_dict()) - set(conversion.state_dict)
+        if missing and strict:
+            raise ValueError(f"{source} lacks {len(missing)} model weights, e.g. {sorted(missing)[:10]}")
+        owners = {name.rpartition(".")[0] for name in missing}
+        with torch.no_grad():
+            for name, module in model.named_modules():
+                if name in owners:
+                    model._init_weights(module)
+        report: LoadReport = load_into(model, conversion)
+        if report.unexpected and strict:
+            raise ValueError(f"{source} has {len(report.unexpected)} keys the model does not know, "
+                             f"e.g. {report.unexpected[:10]}")
+        report.log(source)
+        model.reset_fixed_buffers()
+        model.load_report = report
+        return model
+
+    def reset_fixed_buffers(self) -> None:
+        """Recompute the non-learned tables (RoPE frequencies, sin-cos positions) in float32.
+
+        They are not part of checkpoints and must not be rounded to a low-precision dtype.
+        """
+        rotary = self.decoder.rotary_emb
+        inv_freq, _ = rotary.compute_default_rope_parameters(rotary.config)
+        rotary.inv_freq = inv_freq.to(self.device)
+        rotary.original_inv_freq = inv_freq.clone().to(self.device)
+        self.abstractor.reset_position_tables()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.decoder.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.decoder.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.lm_head
+
+    def set_image_size(self, image_size: int) -> None:
+        """Change the input resolution (e.g. 224 -> 448 between stages), resampling position embeddings."""
+        self.vision.set_image_size(image_size)
+        self.config.vision = {**self.config.vision, "image_size": image_size}
+
+    # ---------------------------------------------------------------------------------------- forward
+
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """``[N, 3, H, W]`` pixels -> ``[N, num_queries + 1, decoder_width]`` decoder tokens."""
+        image_features, _ = self.vision(images)
+        return self.abstractor(image_features)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        images: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        logits_to_keep: int = 0,
+        return_dict: bool | None = None,
+        **kwargs: Any,
+    ) -> Owl2Output:
+        """Logits (and loss) over the expanded sequence.
+
+        Args:
+            input_ids: ``[B, L]``; ``-200`` marks an image.
+            attention_mask: ``[B, L]``, 1 = real token (None: all real). With a non-empty cache it covers
+                the cached (expanded) tokens plus the new ones, as generation keeps it.
+            images: ``[N, 3, H, W]``, one per placeholder, batch order then placeholder order.
+            labels: ``[B, L]`` with -100 for ignored tokens; loss = mean cross-entropy of the next token.
+                Positions are counted from the mask, so padding never shifts them.
+            cache: a transformers ``Cache``; created when ``use_cache`` and none is given.
+            logits_to_keep: compute logits for the last this-many positions only (0 = all).
+
+        Returns:
+            :class:`Owl2Output` with ``logits [B, T, vocab]`` (T = expanded length), ``loss``, ``cache``,
+            the expanded ``attention_mask``/``visual_mask``/``labels``, and ``hidden_states`` if asked
+            (the decoder input, each layer's input after the first, and the final normed output).
+        """
+        if kwargs:
+            raise TypeError(f"Owl2ForCausalLM.forward got unexpected arguments {sorted(kwargs)}")
+        use_cache = self.config.use_cache if use_cache is None else use_cache
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_length = cache.get_seq_length() if cache is not None else 0
+
+        if past_length:
+            # Decoding after a prefill: new tokens are text, the mask already covers the expanded past.
+            if images is not None:
+                raise ValueError("images can only be given with the prompt, not with cached decoding steps")
+            spliced = Spliced(self.decoder.embed_tokens(input_ids), attention_mask, None, labels)
+            step_visual_mask = None
+        else:
+            image_tokens = self.encode_images(images) if images is not None and images.shape[0] else None
+            spliced = splice_images(input_ids, self.decoder.embed_tokens, image_tokens, attention_mask, labels)
+            step_visual_mask = spliced.visual_mask if image_tokens is not None else None
+
+        hidden, hidden_states = self.decoder(
+            spliced.inputs_embeds,
+            attention_mask=spliced.attention_mask,
+            visual_mask=step_visual_mask,
+            cache=cache,
+            output_hidden_states=bool(output_hidden_states),
+        )
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+
+        loss = None
+        if spliced.labels is not None:
+            loss = F.cross_entropy(
+                logits[:, :-1].flatten(0, 1).float(), spliced.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+            )
+        return Owl2Output(
+            loss=loss,
+            logits=logits,
+            cache=cache if use_cache else None,
+            hidden_states=hidden_states,
+            attention_mask=spliced.attention_mask,
+            visual_mask=spliced.visual_mask,
+            labels=spliced.labels,
+        )
+
+    # ---------------------------------------------------------------------------------------- generation
+
+    def prepare_inputs_for_generation(
+        self, input_ids: torch.Tensor, images: torch.Tensor | None = None, is_first_iteration: bool = False,
+        **kwargs: Any,
+    ) -> dict[str, Any]:
+        inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)
+        # Images are consumed by the prefill; without a cache every step re-reads the whole prompt.
+        if is_first_iteration or not kwargs.get("use_cache", True):
+            inputs["images"] = images
+        return inputs
+
+    def _update_model_kwargs_for_generation(
+        self, outputs: Owl2Output, model_kwargs: dict[str, Any], **kwargs: Any
+    ) -> dict[str, Any]:
+        if outputs.cache is not None and outputs.attention_mask is not None:
+            # The cache holds the expanded sequence; from now on the mask must describe it.
+            model_kwargs["attention_mask"] = outputs.attention_mask
+        return super()._update_model_kwargs_for_generation(outputs, model_kwargs, **kwargs)
