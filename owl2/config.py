@@ -189,9 +189,17 @@ class ModelConfig:
         if abstractor.get("add_v2t_pos_emb"):
             raise ConfigError("visual_config.visual_abstractor.add_v2t_pos_emb=true is not supported")
         vision_cfg = VisionConfig(
-            **_pick(vit, "visual_config.visual_model", hidden_size="hidden_size", num_layers="num_hidden_layers",
-                    num_heads="num_attention_heads", intermediate_size="intermediate_size",
-                    image_size="image_size", patch_size="patch_size", layer_norm_eps="layer_norm_eps")
+            **_pick(
+                vit,
+                "visual_config.visual_model",
+                hidden_size="hidden_size",
+                num_layers="num_hidden_layers",
+                num_heads="num_attention_heads",
+                intermediate_size="intermediate_size",
+                image_size="image_size",
+                patch_size="patch_size",
+                layer_norm_eps="layer_norm_eps",
+            )
         )
         grid = abstractor.get("grid_size", vision_cfg.grid_size)
         if grid != vision_cfg.grid_size:
@@ -206,18 +214,35 @@ class ModelConfig:
                 f"hidden_size ({vision_cfg.hidden_size})"
             )
         abstractor_cfg = AbstractorConfig(
-            **_pick(abstractor, "visual_config.visual_abstractor", hidden_size="hidden_size",
-                    num_layers="num_hidden_layers", num_heads="num_attention_heads",
-                    intermediate_size="intermediate_size", num_queries="num_learnable_queries",
-                    layer_norm_eps="layer_norm_eps")
+            **_pick(
+                abstractor,
+                "visual_config.visual_abstractor",
+                hidden_size="hidden_size",
+                num_layers="num_hidden_layers",
+                num_heads="num_attention_heads",
+                intermediate_size="intermediate_size",
+                num_queries="num_learnable_queries",
+                layer_norm_eps="layer_norm_eps",
+            )
         )
-        decoder_fields = _pick(official, "config.json", vocab_size="vocab_size", hidden_size="hidden_size",
-                               intermediate_size="intermediate_size", num_layers="num_hidden_layers",
-                               num_heads="num_attention_heads", rms_norm_eps="rms_norm_eps",
-                               max_position_embeddings="max_position_embeddings")
+        decoder_fields = _pick(
+            official,
+            "config.json",
+            vocab_size="vocab_size",
+            hidden_size="hidden_size",
+            intermediate_size="intermediate_size",
+            num_layers="num_hidden_layers",
+            num_heads="num_attention_heads",
+            rms_norm_eps="rms_norm_eps",
+            max_position_embeddings="max_position_embeddings",
+        )
         decoder_fields["num_kv_heads"] = official.get("num_key_value_heads") or decoder_fields["num_heads"]
-        for ours, theirs, default in (("rope_theta", "rope_theta", 10000.0), ("pad_token_id", "pad_token_id", 0),
-                                      ("bos_token_id", "bos_token_id", 1), ("eos_token_id", "eos_token_id", 2)):
+        for ours, theirs, default in (
+            ("rope_theta", "rope_theta", 10000.0),
+            ("pad_token_id", "pad_token_id", 0),
+            ("bos_token_id", "bos_token_id", 1),
+            ("eos_token_id", "eos_token_id", 2),
+        ):
             value = official.get(theirs)
             decoder_fields[ours] = default if value is None else value
         decoder_fields["rope_theta"] = float(decoder_fields["rope_theta"])
@@ -236,18 +261,30 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     # The golden-vector configuration (../shared/golden/owl2_tiny): 56 px images, 9 tokens per image.
     "debug": {
         "vision": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "image_size": 56},
-        "abstractor": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64,
-                       "num_queries": 8},
-        "decoder": {"vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_layers": 2,
-                    "num_heads": 4, "num_kv_heads": 4, "max_position_embeddings": 256},
+        "abstractor": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "num_queries": 8},
+        "decoder": {
+            "vocab_size": 256,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_layers": 2,
+            "num_heads": 4,
+            "num_kv_heads": 4,
+            "max_position_embeddings": 256,
+        },
     },
     # Trains on a laptop CPU in minutes; grouped-query attention on, 112 px (8x8 patches) images.
     "tiny-cpu": {
         "vision": {"hidden_size": 64, "num_layers": 4, "num_heads": 4, "intermediate_size": 256, "image_size": 112},
-        "abstractor": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 176,
-                       "num_queries": 16},
-        "decoder": {"vocab_size": 1024, "hidden_size": 128, "intermediate_size": 352, "num_layers": 4,
-                    "num_heads": 4, "num_kv_heads": 2, "max_position_embeddings": 512},
+        "abstractor": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 176, "num_queries": 16},
+        "decoder": {
+            "vocab_size": 1024,
+            "hidden_size": 128,
+            "intermediate_size": 352,
+            "num_layers": 4,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "max_position_embeddings": 512,
+        },
     },
     # The released MAGAer13/mplug-owl2-llama2-7b: 8,197,859,328 parameters.
     "owl2-7b": {},
@@ -302,7 +339,9 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if hint in (int, float, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
+    if hint in (int, float, str, bool) and not (
+        isinstance(value, hint) and not (hint is int and isinstance(value, bool))
+    ):
         raise ConfigError(f"{where} must be {hint.__name__}, got {value!r} ({type(value).__name__})")
     return value
 
@@ -348,4 +387,3 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level")
     return data
-

@@ -37,22 +37,28 @@ class Owl2Config(PretrainedConfig):
     abstractor: dict | None = None
     decoder: dict | None = None
     tie_word_embeddings: bool = False
+    use_cache: bool = True
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
         spec = self.spec  # validates the three sections together
-        self.vision, self.abstractor, self.decoder = (to_dict(spec.vision), to_dict(spec.abstractor),
-                                                      to_dict(spec.decoder))
+        self.vision, self.abstractor, self.decoder = (
+            to_dict(spec.vision),
+            to_dict(spec.abstractor),
+            to_dict(spec.decoder),
+        )
 
     @classmethod
     def from_spec(cls, spec: ModelConfig, **kwargs: Any) -> Owl2Config:
-        return cls(vision=to_dict(spec.vision), abstractor=to_dict(spec.abstractor), decoder=to_dict(spec.decoder),
-                   **kwargs)
+        return cls(
+            vision=to_dict(spec.vision), abstractor=to_dict(spec.abstractor), decoder=to_dict(spec.decoder), **kwargs
+        )
 
     @property
     def spec(self) -> ModelConfig:
-        return build(ModelConfig, {"vision": self.vision, "abstractor": self.abstractor, "decoder": self.decoder},
-                     "model")
+        return build(
+            ModelConfig, {"vision": self.vision, "abstractor": self.abstractor, "decoder": self.decoder}, "model"
+        )
 
     @property
     def initializer_range(self) -> float:
@@ -147,8 +153,9 @@ def splice_images(
     index = index[:, :total]
 
     dim = text_embeds.shape[-1]
-    bank = torch.cat([text_embeds.view(-1, dim), image_tokens.reshape(-1, dim).to(text_embeds.dtype),
-                      text_embeds.new_zeros(1, dim)])
+    bank = torch.cat(
+        [text_embeds.view(-1, dim), image_tokens.reshape(-1, dim).to(text_embeds.dtype), text_embeds.new_zeros(1, dim)]
+    )
     mask_bank = torch.cat([attention_mask.flatten(), attention_mask.new_ones(num_images * per_image + 1)])
     mask_bank[-1] = 0
     expanded_labels = None
@@ -194,7 +201,11 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_pretrained(
-        cls, path: str | Path, *, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
         strict: bool = True,
     ) -> Owl2ForCausalLM:
         """Load a folder in the official mPLUG-Owl2 format or one written by ``save_pretrained``.
@@ -212,8 +223,10 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
             owl2_config = Owl2Config.from_dict(config)
             conversion = Conversion(state_dict=read_state_dict(path))
         else:
-            raise ConfigError(f"{path}/config.json has model_type {config.get('model_type')!r}; "
-                              "expected 'owl2' or the official 'mplug_owl2'")
+            raise ConfigError(
+                f"{path}/config.json has model_type {config.get('model_type')!r}; "
+                "expected 'owl2' or the official 'mplug_owl2'"
+            )
         model = cls.from_state_dict(owl2_config, conversion, device=device, strict=strict, source=str(path))
         if dtype is not None:
             model.to(dtype)
@@ -222,7 +235,12 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
 
     @classmethod
     def from_state_dict(
-        cls, config: Owl2Config, conversion: Conversion, *, device: str | torch.device = "cpu", strict: bool = True,
+        cls,
+        config: Owl2Config,
+        conversion: Conversion,
+        *,
+        device: str | torch.device = "cpu",
+        strict: bool = True,
         source: str = "state dict",
     ) -> Owl2ForCausalLM:
         """Build without a throw-away random initialisation: allocate, init only what is missing, load."""
@@ -239,8 +257,9 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
                     model._init_weights(module)
         report: LoadReport = load_into(model, conversion)
         if report.unexpected and strict:
-            raise ValueError(f"{source} has {len(report.unexpected)} keys the model does not know, "
-                             f"e.g. {report.unexpected[:10]}")
+            raise ValueError(
+                f"{source} has {len(report.unexpected)} keys the model does not know, e.g. {report.unexpected[:10]}"
+            )
         report.log(source)
         model.reset_fixed_buffers()
         model.load_report = report
@@ -353,7 +372,10 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
     # ---------------------------------------------------------------------------------------- generation
 
     def prepare_inputs_for_generation(
-        self, input_ids: torch.Tensor, images: torch.Tensor | None = None, is_first_iteration: bool = False,
+        self,
+        input_ids: torch.Tensor,
+        images: torch.Tensor | None = None,
+        is_first_iteration: bool = False,
         **kwargs: Any,
     ) -> dict[str, Any]:
         inputs = super().prepare_inputs_for_generation(input_ids, is_first_iteration=is_first_iteration, **kwargs)

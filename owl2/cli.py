@@ -1,0 +1,93 @@
+"""The ``owl2`` command.
+
+Subcommands import their heavy dependencies lazily, so ``owl2 --help`` and config errors come back at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from owl2.config import ConfigError, ModelConfig, to_dict
+
+# Exit code for a bad command line or configuration, as argparse uses for usage errors.
+USAGE_ERROR = 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``owl2`` command line; returns the process exit code."""
+    parser = _build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return args.handler(args)
+    except ConfigError as error:
+        print(f"owl2: error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def _build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="owl2", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    model = commands.add_parser("model", help="inspect model configurations")
+    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
+    summary = model_commands.add_parser(
+        "summary", help="print a preset's configuration and parameter counts (no weights are allocated)"
+    )
+    summary.add_argument("--preset", required=True, help="model preset: debug, tiny-cpu or owl2-7b")
+    summary.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. decoder.num_layers=4")
+    summary.set_defaults(handler=_model_summary)
+    return parser
+
+
+def _model_summary(args: argparse.Namespace) -> int:
+    spec = ModelConfig.from_preset(args.preset, list(args.overrides))
+    counts = parameter_counts(spec)
+
+    print(f"model preset {args.preset}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
+    rows = list(_flatten(to_dict(spec)))
+    rows.append(("tokens_per_image", spec.tokens_per_image))
+    _print_table("config", rows)
+    _print_table("parameters", [(name, f"{count:,}") for name, count in counts.items()])
+    return 0
+
+
+def parameter_counts(spec: ModelConfig) -> dict[str, int]:
+    """Parameters per top-level module of ``Owl2ForCausalLM`` plus ``total``, counted without allocating memory."""
+    import torch
+
+    from owl2.model.owl2 import Owl2Config, Owl2ForCausalLM
+
+    # The meta device records shapes only, so even the 8B model builds instantly.
+    with torch.device("meta"):
+        model = Owl2ForCausalLM(Owl2Config.from_spec(spec))
+    counts = {
+        name: sum(p.numel() for p in getattr(model, name).parameters())
+        for name in ("vision", "abstractor", "decoder", "lm_head")
+    }
+    total = sum(p.numel() for p in model.parameters())
+    if total != sum(counts.values()):  # parameters held directly by the top-level model
+        counts["other"] = total - sum(counts.values())
+    counts["total"] = total
+    return counts
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _print_table(title: str, rows: list[tuple[str, Any]]) -> None:
+    width = max(len(name) for name, _ in rows)
+    print(f"\n{title}")
+    for name, value in rows:
+        print(f"  {name:<{width}}  {value:>15}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,30 @@
+"""Test-wide settings: no model hub, few threads, and the shared golden vectors."""
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+# Set before anything imports transformers/huggingface_hub, which read these once.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+if "OMP_NUM_THREADS" not in os.environ:  # an explicit thread count from the caller wins
+    # CI machines have 2 cores; more threads than cores slows the tiny models down.
+    torch.set_num_threads(2)
+
+SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def golden_dir() -> Path:
+    """Golden vectors from the official code (``../shared/golden/owl2_tiny`` beside the repository)."""
+    path = SHARED_DIR / "golden" / "owl2_tiny"
+    if not path.is_dir():
+        pytest.fail(
+            f"golden vectors not found at {path}: the shared/ folder must sit beside the repository "
+            "(../shared from the repository root)",
+            pytrace=False,
+        )
+    return path

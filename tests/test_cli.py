@@ -1,0 +1,48 @@
+import re
+
+import pytest
+
+from owl2.cli import main
+
+# Parameters of the released MAGAer13/mplug-owl2-llama2-7b (../shared/reference/owl2_7b_state_dict_shapes.json,
+# buffers excluded).
+OWL2_7B_PARAMETERS = 8_197_859_328
+
+
+def _parameter_rows(output: str) -> dict[str, int]:
+    section = output.split("\nparameters\n", 1)[1]
+    return {name: int(count.replace(",", "")) for name, count in re.findall(r"^\s+(\w+)\s+([\d,]+)$", section, re.M)}
+
+
+def test_model_summary_prints_config_and_parameter_counts(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["model", "summary", "--preset", "debug"]) == 0
+    output = capsys.readouterr().out
+
+    assert re.search(r"^\s+decoder\.vocab_size\s+256$", output, re.M)
+    rows = _parameter_rows(output)
+    assert {"vision", "abstractor", "decoder", "lm_head", "total"} <= set(rows)
+    assert rows["total"] == sum(count for name, count in rows.items() if name != "total")
+    assert rows["lm_head"] == 256 * 64  # vocab x decoder width, untied from the embeddings
+
+
+def test_model_summary_applies_overrides(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["model", "summary", "--preset", "debug", "decoder.num_layers=1"]) == 0
+    assert re.search(r"^\s+decoder\.num_layers\s+1$", capsys.readouterr().out, re.M)
+
+
+def test_model_summary_of_the_7b_preset_matches_the_released_checkpoint(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["model", "summary", "--preset", "owl2-7b"]) == 0
+    assert _parameter_rows(capsys.readouterr().out)["total"] == OWL2_7B_PARAMETERS
+
+
+def test_bad_override_is_a_clean_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["model", "summary", "--preset", "debug", "decoder.num_heads=5"]) == 2
+    captured = capsys.readouterr()
+    assert "decoder.num_heads" in captured.err
+    assert "Traceback" not in captured.err
+    assert captured.out == ""
+
+
+def test_unknown_preset_is_a_clean_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["model", "summary", "--preset", "no-such-preset"]) == 2
+    assert "no-such-preset" in capsys.readouterr().err

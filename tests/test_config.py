@@ -1,0 +1,78 @@
+"""Typed configs: presets, official config.json, overrides and actionable validation errors."""
+
+import json
+
+import pytest
+
+from owl2.config import MODEL_PRESETS, ConfigError, ModelConfig, build, load_yaml, parse_overrides, to_dict
+
+
+@pytest.mark.parametrize("name", sorted(MODEL_PRESETS))
+def test_presets_validate_and_round_trip(name):
+    spec = ModelConfig.from_preset(name)
+    assert build(ModelConfig, to_dict(spec)) == spec
+
+
+def test_owl2_7b_preset_is_the_released_layout():
+    spec = ModelConfig.from_preset("owl2-7b")
+    assert (spec.vision.hidden_size, spec.vision.num_layers, spec.vision.image_size, spec.vision.num_tokens) == (
+        1024,
+        24,
+        448,
+        1025,
+    )
+    assert (spec.abstractor.num_layers, spec.abstractor.num_queries, spec.tokens_per_image) == (6, 64, 65)
+    assert (spec.decoder.hidden_size, spec.decoder.num_layers, spec.decoder.vocab_size) == (4096, 32, 32000)
+
+
+def test_official_config_json_reads_as_debug_preset(golden_dir):
+    official = json.loads((golden_dir / "config.json").read_text())
+    assert ModelConfig.from_official(official) == ModelConfig.from_preset("debug")
+
+
+def test_official_config_rejects_unsupported_variants(golden_dir):
+    official = json.loads((golden_dir / "config.json").read_text())
+    official["visual_config"]["visual_model"]["use_cls_token"] = False
+    with pytest.raises(ConfigError, match="use_cls_token"):
+        ModelConfig.from_official(official)
+    with pytest.raises(ConfigError, match="model_type"):
+        ModelConfig.from_official({"model_type": "llama"})
+
+
+def test_overrides_are_typed_and_nested():
+    spec = ModelConfig.from_preset("tiny-cpu", ["abstractor.num_queries=32", "decoder.rope_theta=500000"])
+    assert spec.abstractor.num_queries == 32
+    assert spec.decoder.rope_theta == 500000.0 and isinstance(spec.decoder.rope_theta, float)
+    assert parse_overrides(["a.b.c=[1, 2]", "a.d=yes"]) == {"a": {"b": {"c": [1, 2]}, "d": True}}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["abstractor.hidden_size=48", "abstractor.num_heads=4"], r"abstractor.hidden_size \(48\) must equal vision"),
+        (["decoder.num_heads=5"], r"decoder.num_heads \(5\) must divide decoder.hidden_size"),
+        (["decoder.num_kv_heads=3"], r"decoder.num_kv_heads \(3\) must divide"),
+        (["vision.image_size=50"], r"vision.image_size \(50\) must be a multiple of vision.patch_size"),
+        (["decoder.num_layer=3"], r"unknown field\(s\) \['model.decoder.num_layer'\]"),
+        (["decoder.num_layers=two"], r"model.decoder.num_layers must be int, got 'two'"),
+        (["decoder.num_layers=true"], r"must be int"),
+        (["decoder.eos_token_id=300"], r"decoder.eos_token_id \(300\) must lie in"),
+        (["decoder"], r"must look like section.field=value"),
+    ],
+)
+def test_bad_values_name_the_field(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        ModelConfig.from_preset("debug", overrides)
+
+
+def test_unknown_preset_lists_the_choices():
+    with pytest.raises(ConfigError, match=r"choose one of \['debug', 'owl2-7b', 'tiny-cpu'\]"):
+        ModelConfig.from_preset("owl2-13b")
+
+
+def test_yaml_file_errors_are_clear(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_yaml(tmp_path / "missing.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="mapping at the top level"):
+        load_yaml(tmp_path / "list.yaml")
