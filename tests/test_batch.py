@@ -4,8 +4,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from owl2.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
-from owl2.model import Owl2ForCausalLM
+from owl2.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ModelConfig
+from owl2.model import Owl2Config, Owl2ForCausalLM
 
 IMG = IMAGE_TOKEN_INDEX
 # An image row, a longer text-only row (no dummy image), a row with two images.
@@ -111,3 +111,21 @@ def test_placeholder_and_image_counts_must_agree(model, images, num_images):
 def test_images_without_placeholders_are_refused(model, images):
     with pytest.raises(ValueError, match="0 image placeholders"):
         model(torch.tensor([[1, 5, 6]]), images=images[:1])
+
+
+def test_mixed_batch_backward_reaches_every_parameter(images):
+    torch.manual_seed(0)
+    model = Owl2ForCausalLM(Owl2Config.from_spec(ModelConfig.from_preset("debug"))).train()
+    batch = _batch("right", with_labels=True)
+    # Loss on every text token, so the token after each image reads the last layer's image outputs.
+    batch["labels"] = batch["input_ids"].masked_fill((batch["input_ids"] < 0) | (batch["attention_mask"] == 0), -100)
+    model(**batch, images=images, use_cache=False).loss.backward()
+    assert [name for name, p in model.named_parameters() if p.grad is None or not p.grad.abs().sum()] == []
+    # A text-only batch leaves the visual branch, the vision encoder and the abstractor without gradient.
+    model.zero_grad(set_to_none=True)
+    text = torch.tensor([[1, 5, 6, 7, 8]])
+    model(text, labels=text, use_cache=False).loss.backward()
+    untouched = {name.split(".")[0] for name, p in model.named_parameters() if p.grad is None}
+    assert untouched == {"vision", "abstractor", "decoder"}
+    assert model.decoder.layers[0].self_attn.k_proj.visual.weight.grad is None
+    assert model.decoder.layers[0].self_attn.k_proj.text.weight.grad is not None
