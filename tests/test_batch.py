@@ -129,3 +129,21 @@ def test_mixed_batch_backward_reaches_every_parameter(images):
     assert untouched == {"vision", "abstractor", "decoder"}
     assert model.decoder.layers[0].self_attn.k_proj.visual.weight.grad is None
     assert model.decoder.layers[0].self_attn.k_proj.text.weight.grad is not None
+
+
+def test_beam_search_with_several_returns_keeps_images_with_their_rows(model, images):
+    batch = _batch("left", with_labels=False)
+    kwargs = {
+        "max_new_tokens": 4,
+        "num_beams": 2,
+        "num_return_sequences": 2,
+        "do_sample": False,
+        "pad_token_id": 0,
+        "eos_token_id": None,
+    }
+    generated = model.generate(batch["input_ids"], attention_mask=batch["attention_mask"], images=images, **kwargs)
+    assert generated.shape[0] == 2 * len(SAMPLES)
+    for row in range(len(SAMPLES)):
+        ids = torch.tensor([SAMPLES[row][0]])
+        alone = model.generate(ids, images=_images_of(row, images) if SAMPLES[row][1] else None, **kwargs)
+        assert torch.equal(generated[2 * row : 2 * row + 2, -4:], alone[:, -4:]), f"row {row}"

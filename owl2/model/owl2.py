@@ -384,6 +384,25 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
             inputs["images"] = images
         return inputs
 
+    def _expand_inputs_for_generation(
+        self,
+        expand_size: int = 1,
+        is_encoder_decoder: bool = False,
+        input_ids: torch.Tensor | None = None,
+        **model_kwargs: Any,
+    ) -> tuple[torch.Tensor | None, dict[str, Any]]:
+        images = model_kwargs.pop("images", None)
+        if images is not None and expand_size > 1 and input_ids is not None:
+            # Images belong to rows, not batch positions: repeat each row's images as one block, so that
+            # beams and multiple return sequences keep consuming them in row order.
+            counts = (input_ids == IMAGE_TOKEN_INDEX).sum(dim=1).tolist()
+            images = torch.cat([chunk for chunk in images.split(counts) for _ in range(expand_size)])
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(
+            expand_size, is_encoder_decoder, input_ids, **model_kwargs
+        )
+        model_kwargs["images"] = images
+        return input_ids, model_kwargs
+
     def _update_model_kwargs_for_generation(
         self, outputs: Owl2Output, model_kwargs: dict[str, Any], **kwargs: Any
     ) -> dict[str, Any]:
