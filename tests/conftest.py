@@ -18,6 +18,15 @@ SHARED_DIR = Path(__file__).resolve().parents[1].parent / "shared"
 
 
 @pytest.fixture(scope="session")
+def reference_dir() -> Path:
+    """The specification's data files (``../shared/reference``), e.g. the 7B state-dict shapes."""
+    path = SHARED_DIR / "reference"
+    if not path.is_dir():
+        pytest.fail(f"reference data not found at {path}: ../shared must sit beside the repository", pytrace=False)
+    return path
+
+
+@pytest.fixture(scope="session")
 def golden_dir() -> Path:
     """Golden vectors from the official code (``../shared/golden/owl2_tiny`` beside the repository)."""
     path = SHARED_DIR / "golden" / "owl2_tiny"

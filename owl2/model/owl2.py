@@ -227,10 +227,9 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
                 f"{path}/config.json has model_type {config.get('model_type')!r}; "
                 "expected 'owl2' or the official 'mplug_owl2'"
             )
-        model = cls.from_state_dict(owl2_config, conversion, device=device, strict=strict, source=str(path))
-        if dtype is not None:
-            model.to(dtype)
-            model.reset_fixed_buffers()
+        model = cls.from_state_dict(
+            owl2_config, conversion, device=device, dtype=dtype, strict=strict, source=str(path)
+        )
         return model.eval()
 
     @classmethod
@@ -240,16 +239,29 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
         conversion: Conversion,
         *,
         device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
         strict: bool = True,
+        fresh: tuple[str, ...] = (),
         source: str = "state dict",
     ) -> Owl2ForCausalLM:
-        """Build without a throw-away random initialisation: allocate, init only what is missing, load."""
+        """Build without a throw-away random initialisation: allocate, initialise what is missing, load.
+
+        Args:
+            dtype: parameter dtype to allocate (e.g. bfloat16 for a 7B model); buffers stay float32.
+            strict: raise if a weight is missing or a checkpoint key is unknown.
+            fresh: key prefixes that are new on purpose (e.g. ``("abstractor.",)`` when starting from
+                LLaMA-2 and CLIP): they are initialised, may be missing even when strict, and are logged
+                as new rather than missing.
+        """
         with torch.device("meta"):
             model = cls(config)
+        if dtype is not None:
+            model.to(dtype)
         model.to_empty(device=device)
         missing = set(model.state_dict()) - set(conversion.state_dict)
-        if missing and strict:
-            raise ValueError(f"{source} lacks {len(missing)} model weights, e.g. {sorted(missing)[:10]}")
+        unplanned = sorted(key for key in missing if not key.startswith(fresh))
+        if unplanned and strict:
+            raise ValueError(f"{source} lacks {len(unplanned)} model weights, e.g. {unplanned[:10]}")
         owners = {name.rpartition(".")[0] for name in missing}
         with torch.no_grad():
             for name, module in model.named_modules():
@@ -260,7 +272,7 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
             raise ValueError(
                 f"{source} has {len(report.unexpected)} keys the model does not know, e.g. {report.unexpected[:10]}"
             )
-        report.log(source)
+        report.log(source, fresh)
         model.reset_fixed_buffers()
         model.load_report = report
         return model

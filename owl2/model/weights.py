@@ -6,23 +6,34 @@ no row matches is *unexpected*; a row with no target drops a key on purpose (buf
 recomputes). Loading reports missing and unexpected keys and refuses shape mismatches.
 
 Tables: ``OFFICIAL`` (the released mPLUG-Owl2 checkpoint), ``LLAMA`` (a transformers LLaMA-2 folder:
-K/V and norms are copied into both modality branches).
+K/V and norms are copied into both modality branches), and one table per CLIP ViT naming in
+``CLIP_LAYOUTS`` (OpenAI/OpenCLIP, timm, transformers) for the vision encoder. A ``{rest}`` placeholder
+matches any suffix; it is only used to drop whole sub-trees on purpose (CLIP's text tower).
+
+:func:`build_from_llama_and_clip` assembles a fresh Owl2 from a LLaMA-2 folder and a CLIP vision tower,
+the starting point of stage-1 pre-training.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
+import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from safetensors.torch import load_file
 
-from owl2.config import ConfigError, ModelConfig
+from owl2.config import AbstractorConfig, ConfigError, DecoderConfig, ModelConfig, VisionConfig
+from owl2.model.vision import resample_position_embedding
+
+if TYPE_CHECKING:
+    from owl2.model.owl2 import Owl2ForCausalLM
 
 logger = logging.getLogger(__name__)
 
@@ -62,10 +73,14 @@ OFFICIAL: tuple[Rule, ...] = (
     _rule("model.layers.{i}.self_attn.rotary_emb.inv_freq"),
     _rule("model.layers.{i}.input_layernorm.multiway.0.weight", "decoder.layers.{i}.input_layernorm.text.weight"),
     _rule("model.layers.{i}.input_layernorm.multiway.1.weight", "decoder.layers.{i}.input_layernorm.visual.weight"),
-    _rule("model.layers.{i}.post_attention_layernorm.multiway.0.weight",
-          "decoder.layers.{i}.post_attention_layernorm.text.weight"),
-    _rule("model.layers.{i}.post_attention_layernorm.multiway.1.weight",
-          "decoder.layers.{i}.post_attention_layernorm.visual.weight"),
+    _rule(
+        "model.layers.{i}.post_attention_layernorm.multiway.0.weight",
+        "decoder.layers.{i}.post_attention_layernorm.text.weight",
+    ),
+    _rule(
+        "model.layers.{i}.post_attention_layernorm.multiway.1.weight",
+        "decoder.layers.{i}.post_attention_layernorm.visual.weight",
+    ),
     _rule("model.layers.{i}.mlp.gate_proj.weight", "decoder.layers.{i}.mlp.gate_proj.weight"),
     _rule("model.layers.{i}.mlp.up_proj.weight", "decoder.layers.{i}.mlp.up_proj.weight"),
     _rule("model.layers.{i}.mlp.down_proj.weight", "decoder.layers.{i}.mlp.down_proj.weight"),
@@ -77,8 +92,11 @@ OFFICIAL: tuple[Rule, ...] = (
     _rule("model.vision_model.embeddings.patch_embed.weight", "vision.patch_embed.proj.weight"),
     _rule("model.vision_model.embeddings.pre_layernorm.{p}", "vision.norm_pre.{p}"),
     _rule("model.vision_model.encoder.layers.{i}.input_layernorm.{p}", "vision.blocks.{i}.norm1.{p}"),
-    _rule("model.vision_model.encoder.layers.{i}.self_attn.query_key_value.{p}", "vision.blocks.{i}.attn.qkv.{p}",
-          transform=interleaved_qkv_to_grouped),
+    _rule(
+        "model.vision_model.encoder.layers.{i}.self_attn.query_key_value.{p}",
+        "vision.blocks.{i}.attn.qkv.{p}",
+        transform=interleaved_qkv_to_grouped,
+    ),
     _rule("model.vision_model.encoder.layers.{i}.self_attn.dense.{p}", "vision.blocks.{i}.attn.proj.{p}"),
     _rule("model.vision_model.encoder.layers.{i}.post_attention_layernorm.{p}", "vision.blocks.{i}.norm2.{p}"),
     _rule("model.vision_model.encoder.layers.{i}.mlp.fc1.{p}", "vision.blocks.{i}.mlp.fc1.{p}"),
@@ -88,25 +106,50 @@ OFFICIAL: tuple[Rule, ...] = (
     _rule("model.visual_abstractor.query_embeds", "abstractor.queries"),
     _rule("model.visual_abstractor.vit_eos", "abstractor.eos"),
     _rule("model.visual_abstractor.visual_fc.{p}", "abstractor.proj.{p}"),
-    _rule("model.visual_abstractor.encoder.layers.{i}.crossattention.norm1.{p}", "abstractor.layers.{i}.norm_queries.{p}"),
-    _rule("model.visual_abstractor.encoder.layers.{i}.crossattention.normk.{p}", "abstractor.layers.{i}.norm_image.{p}"),
-    _rule("model.visual_abstractor.encoder.layers.{i}.crossattention.attention.query.{p}",
-          "abstractor.layers.{i}.q_proj.{p}"),
-    _rule("model.visual_abstractor.encoder.layers.{i}.crossattention.attention.key.{p}",
-          "abstractor.layers.{i}.k_proj.{p}"),
-    _rule("model.visual_abstractor.encoder.layers.{i}.crossattention.attention.value.{p}",
-          "abstractor.layers.{i}.v_proj.{p}"),
+    _rule(
+        "model.visual_abstractor.encoder.layers.{i}.crossattention.norm1.{p}", "abstractor.layers.{i}.norm_queries.{p}"
+    ),
+    _rule(
+        "model.visual_abstractor.encoder.layers.{i}.crossattention.normk.{p}", "abstractor.layers.{i}.norm_image.{p}"
+    ),
+    _rule(
+        "model.visual_abstractor.encoder.layers.{i}.crossattention.attention.query.{p}",
+        "abstractor.layers.{i}.q_proj.{p}",
+    ),
+    _rule(
+        "model.visual_abstractor.encoder.layers.{i}.crossattention.attention.key.{p}",
+        "abstractor.layers.{i}.k_proj.{p}",
+    ),
+    _rule(
+        "model.visual_abstractor.encoder.layers.{i}.crossattention.attention.value.{p}",
+        "abstractor.layers.{i}.v_proj.{p}",
+    ),
     _rule("model.visual_abstractor.encoder.layers.{i}.crossattention.attention.q_pos_embed"),
     _rule("model.visual_abstractor.encoder.layers.{i}.crossattention.attention.k_pos_embed"),
-    _rule("model.visual_abstractor.encoder.layers.{i}.crossattention.output.out_proj.{p}",
-          "abstractor.layers.{i}.out_proj.{p}"),
-    _rule("model.visual_abstractor.encoder.layers.{i}.crossattention.output.norm2.{p}",
-          "abstractor.layers.{i}.norm_ffn.{p}"),
-    _rule("model.visual_abstractor.encoder.layers.{i}.crossattention.output.mlp.w1.{p}", "abstractor.layers.{i}.ffn.w1.{p}"),
-    _rule("model.visual_abstractor.encoder.layers.{i}.crossattention.output.mlp.w2.{p}", "abstractor.layers.{i}.ffn.w2.{p}"),
-    _rule("model.visual_abstractor.encoder.layers.{i}.crossattention.output.mlp.w3.{p}", "abstractor.layers.{i}.ffn.w3.{p}"),
-    _rule("model.visual_abstractor.encoder.layers.{i}.crossattention.output.mlp.ffn_ln.{p}",
-          "abstractor.layers.{i}.ffn.norm.{p}"),
+    _rule(
+        "model.visual_abstractor.encoder.layers.{i}.crossattention.output.out_proj.{p}",
+        "abstractor.layers.{i}.out_proj.{p}",
+    ),
+    _rule(
+        "model.visual_abstractor.encoder.layers.{i}.crossattention.output.norm2.{p}",
+        "abstractor.layers.{i}.norm_ffn.{p}",
+    ),
+    _rule(
+        "model.visual_abstractor.encoder.layers.{i}.crossattention.output.mlp.w1.{p}",
+        "abstractor.layers.{i}.ffn.w1.{p}",
+    ),
+    _rule(
+        "model.visual_abstractor.encoder.layers.{i}.crossattention.output.mlp.w2.{p}",
+        "abstractor.layers.{i}.ffn.w2.{p}",
+    ),
+    _rule(
+        "model.visual_abstractor.encoder.layers.{i}.crossattention.output.mlp.w3.{p}",
+        "abstractor.layers.{i}.ffn.w3.{p}",
+    ),
+    _rule(
+        "model.visual_abstractor.encoder.layers.{i}.crossattention.output.mlp.ffn_ln.{p}",
+        "abstractor.layers.{i}.ffn.norm.{p}",
+    ),
 )
 
 LLAMA: tuple[Rule, ...] = (
@@ -114,16 +157,27 @@ LLAMA: tuple[Rule, ...] = (
     _rule("model.layers.{i}.self_attn.q_proj.weight", "decoder.layers.{i}.self_attn.q_proj.weight"),
     _rule("model.layers.{i}.self_attn.o_proj.weight", "decoder.layers.{i}.self_attn.o_proj.weight"),
     # One LLaMA projection/norm initialises both modality copies.
-    _rule("model.layers.{i}.self_attn.k_proj.weight",
-          "decoder.layers.{i}.self_attn.k_proj.text.weight", "decoder.layers.{i}.self_attn.k_proj.visual.weight"),
-    _rule("model.layers.{i}.self_attn.v_proj.weight",
-          "decoder.layers.{i}.self_attn.v_proj.text.weight", "decoder.layers.{i}.self_attn.v_proj.visual.weight"),
+    _rule(
+        "model.layers.{i}.self_attn.k_proj.weight",
+        "decoder.layers.{i}.self_attn.k_proj.text.weight",
+        "decoder.layers.{i}.self_attn.k_proj.visual.weight",
+    ),
+    _rule(
+        "model.layers.{i}.self_attn.v_proj.weight",
+        "decoder.layers.{i}.self_attn.v_proj.text.weight",
+        "decoder.layers.{i}.self_attn.v_proj.visual.weight",
+    ),
     _rule("model.layers.{i}.self_attn.rotary_emb.inv_freq"),
-    _rule("model.layers.{i}.input_layernorm.weight",
-          "decoder.layers.{i}.input_layernorm.text.weight", "decoder.layers.{i}.input_layernorm.visual.weight"),
-    _rule("model.layers.{i}.post_attention_layernorm.weight",
-          "decoder.layers.{i}.post_attention_layernorm.text.weight",
-          "decoder.layers.{i}.post_attention_layernorm.visual.weight"),
+    _rule(
+        "model.layers.{i}.input_layernorm.weight",
+        "decoder.layers.{i}.input_layernorm.text.weight",
+        "decoder.layers.{i}.input_layernorm.visual.weight",
+    ),
+    _rule(
+        "model.layers.{i}.post_attention_layernorm.weight",
+        "decoder.layers.{i}.post_attention_layernorm.text.weight",
+        "decoder.layers.{i}.post_attention_layernorm.visual.weight",
+    ),
     _rule("model.layers.{i}.mlp.gate_proj.weight", "decoder.layers.{i}.mlp.gate_proj.weight"),
     _rule("model.layers.{i}.mlp.up_proj.weight", "decoder.layers.{i}.mlp.up_proj.weight"),
     _rule("model.layers.{i}.mlp.down_proj.weight", "decoder.layers.{i}.mlp.down_proj.weight"),
@@ -131,9 +185,135 @@ LLAMA: tuple[Rule, ...] = (
     _rule("lm_head.weight", "lm_head.weight"),
 )
 
+# ------------------------------------------------------------------------------------------------ CLIP
+# CLIP ViT-L/14 (224 px: 257 position rows = CLS + 16x16) -> owl2's vision encoder. Weights are copied
+# as they are; CLIP's LayerNorms use eps 1e-5 and Owl2's 1e-6, and the eps of the built model is the
+# config's (vision.layer_norm_eps), as in the official Owl2, whose ViT started from CLIP with eps 1e-6.
+# The position table is resampled to the config's grid (16x16 -> 32x32 for 448 px).
+
+
+def clip_position_embedding(tensor: torch.Tensor, spec: ModelConfig) -> torch.Tensor:
+    """``[1 + g*g, D]`` or ``[1, 1 + g*g, D]`` CLIP table -> ``[1, 1 + G*G, D]`` on the config's grid G."""
+    table = tensor if tensor.dim() == 3 else tensor.unsqueeze(0)
+    return resample_position_embedding(table, spec.vision.grid_size)
+
+
+def clip_class_embedding(tensor: torch.Tensor, spec: ModelConfig) -> torch.Tensor:
+    """CLIP's ``[D]`` class embedding -> timm's ``[1, 1, D]`` ``cls_token``."""
+    return tensor.reshape(1, 1, -1)
+
+
+# transformers keeps q/k/v apart; timm fuses them. Rows send each to a partial key ``<qkv key>@q|k|v``,
+# which :func:`fuse_qkv_parts` concatenates afterwards (a row maps one source key, never three).
+_QKV_PART = re.compile(r"(?P<key>.+)@(?P<part>[qkv])$")
+
+CLIP_OPENAI: tuple[Rule, ...] = (
+    # OpenAI CLIP and OpenCLIP image towers; the file is a whole CLIP model.
+    _rule("visual.class_embedding", "vision.cls_token", transform=clip_class_embedding),
+    _rule("visual.positional_embedding", "vision.pos_embed", transform=clip_position_embedding),
+    _rule("visual.conv1.weight", "vision.patch_embed.proj.weight"),
+    _rule("visual.ln_pre.{p}", "vision.norm_pre.{p}"),
+    _rule("visual.transformer.resblocks.{i}.ln_1.{p}", "vision.blocks.{i}.norm1.{p}"),
+    # nn.MultiheadAttention packs [q; k; v] over all heads, the layout timm's qkv expects.
+    _rule("visual.transformer.resblocks.{i}.attn.in_proj_weight", "vision.blocks.{i}.attn.qkv.weight"),
+    _rule("visual.transformer.resblocks.{i}.attn.in_proj_bias", "vision.blocks.{i}.attn.qkv.bias"),
+    _rule("visual.transformer.resblocks.{i}.attn.out_proj.{p}", "vision.blocks.{i}.attn.proj.{p}"),
+    _rule("visual.transformer.resblocks.{i}.ln_2.{p}", "vision.blocks.{i}.norm2.{p}"),
+    _rule("visual.transformer.resblocks.{i}.mlp.c_fc.{p}", "vision.blocks.{i}.mlp.fc1.{p}"),
+    _rule("visual.transformer.resblocks.{i}.mlp.c_proj.{p}", "vision.blocks.{i}.mlp.fc2.{p}"),
+    _rule("visual.ln_post.{p}", "vision.norm.{p}"),
+    # Dropped on purpose: the projection into CLIP's joint image-text space (the abstractor reads the
+    # ViT tokens at their own width) and the whole text tower, which Owl2 replaces by LLaMA.
+    _rule("visual.proj"),
+    _rule("token_embedding.weight"),
+    _rule("positional_embedding"),
+    _rule("transformer.{rest}"),
+    _rule("ln_final.{p}"),
+    _rule("text_projection"),
+    _rule("logit_scale"),
+    # Scalars the OpenAI TorchScript export keeps beside the weights.
+    _rule("input_resolution"),
+    _rule("context_length"),
+    _rule("vocab_size"),
+)
+
+CLIP_TIMM: tuple[Rule, ...] = (
+    # timm ``vit_large_patch14_clip_224.openai``: already our names, with a 224 px position table.
+    # (timm builds that model name with GELU; the weights are QuickGELU-trained, which owl2 uses.)
+    _rule("cls_token", "vision.cls_token"),
+    _rule("pos_embed", "vision.pos_embed", transform=clip_position_embedding),
+    _rule("patch_embed.proj.weight", "vision.patch_embed.proj.weight"),
+    _rule("norm_pre.{p}", "vision.norm_pre.{p}"),
+    _rule("blocks.{i}.norm1.{p}", "vision.blocks.{i}.norm1.{p}"),
+    _rule("blocks.{i}.attn.qkv.{p}", "vision.blocks.{i}.attn.qkv.{p}"),
+    _rule("blocks.{i}.attn.proj.{p}", "vision.blocks.{i}.attn.proj.{p}"),
+    _rule("blocks.{i}.norm2.{p}", "vision.blocks.{i}.norm2.{p}"),
+    _rule("blocks.{i}.mlp.fc1.{p}", "vision.blocks.{i}.mlp.fc1.{p}"),
+    _rule("blocks.{i}.mlp.fc2.{p}", "vision.blocks.{i}.mlp.fc2.{p}"),
+    _rule("norm.{p}", "vision.norm.{p}"),
+    # The CLIP projection (timm keeps it as a classifier head): unused, as in the OpenAI table.
+    _rule("head.{p}"),
+)
+
+
+def _hf_clip_vision_rules(prefix: str) -> tuple[Rule, ...]:
+    """transformers CLIP image-tower rows under ``prefix`` (``vision_model.`` or none, see CLIP_LAYOUTS)."""
+    layer = prefix + "encoder.layers.{i}."
+    return (
+        _rule(prefix + "embeddings.class_embedding", "vision.cls_token", transform=clip_class_embedding),
+        _rule(prefix + "embeddings.position_embedding.weight", "vision.pos_embed", transform=clip_position_embedding),
+        _rule(prefix + "embeddings.patch_embedding.weight", "vision.patch_embed.proj.weight"),
+        _rule(prefix + "embeddings.position_ids"),  # an arange buffer, saved by transformers < 4.31
+        _rule(prefix + "pre_layrnorm.{p}", "vision.norm_pre.{p}"),  # sic: transformers' spelling
+        _rule(layer + "layer_norm1.{p}", "vision.blocks.{i}.norm1.{p}"),
+        _rule(layer + "self_attn.q_proj.{p}", "vision.blocks.{i}.attn.qkv.{p}@q"),
+        _rule(layer + "self_attn.k_proj.{p}", "vision.blocks.{i}.attn.qkv.{p}@k"),
+        _rule(layer + "self_attn.v_proj.{p}", "vision.blocks.{i}.attn.qkv.{p}@v"),
+        _rule(layer + "self_attn.out_proj.{p}", "vision.blocks.{i}.attn.proj.{p}"),
+        _rule(layer + "layer_norm2.{p}", "vision.blocks.{i}.norm2.{p}"),
+        _rule(layer + "mlp.fc1.{p}", "vision.blocks.{i}.mlp.fc1.{p}"),
+        _rule(layer + "mlp.fc2.{p}", "vision.blocks.{i}.mlp.fc2.{p}"),
+        _rule(prefix + "post_layernorm.{p}", "vision.norm.{p}"),
+    )
+
+
+# Dropped on purpose from a transformers CLIPModel / CLIPVisionModelWithProjection: the text tower and
+# the projections into the joint space, as in the OpenAI table.
+_HF_CLIP_UNUSED: tuple[Rule, ...] = (
+    _rule("text_model.{rest}"),
+    _rule("visual_projection.weight"),
+    _rule("text_projection.weight"),
+    _rule("logit_scale"),
+)
+
+# ``CLIPModel`` and ``CLIPVisionModel`` files written by transformers 4 keep the image tower under
+# ``vision_model.``; transformers 5 writes ``CLIPVisionModel`` without that prefix.
+CLIP_HF: tuple[Rule, ...] = _hf_clip_vision_rules("vision_model.") + _HF_CLIP_UNUSED
+CLIP_HF_BARE: tuple[Rule, ...] = _hf_clip_vision_rules("") + _HF_CLIP_UNUSED
+
+CLIP_LAYOUTS: dict[str, tuple[Rule, ...]] = {
+    "openai": CLIP_OPENAI,
+    "timm": CLIP_TIMM,
+    "hf": CLIP_HF,
+    "hf-bare": CLIP_HF_BARE,
+}
+
+# One key that only the layout of that name has (its class embedding), checked in this order.
+_CLIP_MARKERS: dict[str, str] = {
+    "openai": "visual.class_embedding",
+    "timm": "cls_token",
+    "hf": "vision_model.embeddings.class_embedding",
+    "hf-bare": "embeddings.class_embedding",
+}
+
 
 def _compile(pattern: str) -> re.Pattern[str]:
-    regex = re.escape(pattern).replace(r"\{i\}", r"(?P<i>\d+)").replace(r"\{p\}", r"(?P<p>weight|bias)")
+    regex = (
+        re.escape(pattern)
+        .replace(r"\{i\}", r"(?P<i>\d+)")
+        .replace(r"\{p\}", r"(?P<p>weight|bias)")
+        .replace(r"\{rest\}", r"(?P<rest>.+)")
+    )
     return re.compile(regex + "$")
 
 
@@ -142,6 +322,7 @@ class Conversion:
     """Converted tensors plus what the table dropped on purpose or did not know."""
 
     state_dict: dict[str, torch.Tensor] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)  # owl2 key -> the checkpoint key it came from
     dropped: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
 
@@ -158,8 +339,12 @@ def convert(state_dict: dict[str, torch.Tensor], rules: Iterable[Rule], spec: Mo
             if not rule.targets:
                 result.dropped.append(key)
             value = rule.transform(tensor, spec) if rule.transform else tensor
-            for target in rule.targets:
-                result.state_dict[target.format(**match.groupdict())] = value
+            for target in (t.format(**match.groupdict()) for t in rule.targets):
+                if target in result.state_dict:
+                    # Two source keys for one weight (e.g. a file mixing two namings): never pick silently.
+                    raise ValueError(f"checkpoint keys {result.sources[target]!r} and {key!r} both map to {target}")
+                result.state_dict[target] = value
+                result.sources[target] = key
             break
         else:
             result.unexpected.append(key)
@@ -175,6 +360,45 @@ def target_keys(source_key: str, rules: Iterable[Rule]) -> tuple[str, ...] | Non
     return None
 
 
+def detect_clip_layout(state_dict: dict[str, torch.Tensor]) -> str:
+    """Which ``CLIP_LAYOUTS`` naming a CLIP checkpoint uses: ``openai``, ``timm``, ``hf`` or ``hf-bare``."""
+    for layout, marker in _CLIP_MARKERS.items():
+        if marker in state_dict:
+            return layout
+    sample = ", ".join(sorted(state_dict)[:8]) or "(no keys)"
+    raise ValueError(
+        "state dict matches no known CLIP vision layout: expected one of the keys "
+        f"{list(_CLIP_MARKERS.values())} (OpenAI/OpenCLIP, timm, transformers); its first keys are: {sample}"
+    )
+
+
+def fuse_qkv_parts(conversion: Conversion) -> Conversion:
+    """Concatenate partial keys ``<key>@q``, ``@k``, ``@v`` into ``<key>`` as ``[q; k; v]`` rows, in place.
+
+    A key with only some of its parts is an error naming it and the absent parts.
+    """
+    parts: dict[str, dict[str, torch.Tensor]] = {}
+    for key in [key for key in conversion.state_dict if _QKV_PART.match(key)]:
+        match = _QKV_PART.match(key)
+        parts.setdefault(match["key"], {})[match["part"]] = conversion.state_dict.pop(key)
+    for key, found in sorted(parts.items()):
+        absent = [part for part in "qkv" if part not in found]
+        if absent:
+            raise ValueError(
+                f"cannot build {key}: the checkpoint has its {sorted(found)} projection(s) but not {absent}"
+            )
+        conversion.state_dict[key] = torch.cat([found["q"], found["k"], found["v"]], dim=0)
+    return conversion
+
+
+def convert_clip(state_dict: dict[str, torch.Tensor], spec: ModelConfig, layout: str | None = None) -> Conversion:
+    """CLIP vision-tower weights (any ``CLIP_LAYOUTS`` naming, detected unless given) -> owl2 ``vision.*``."""
+    layout = layout or detect_clip_layout(state_dict)
+    if layout not in CLIP_LAYOUTS:
+        raise ValueError(f"unknown CLIP layout {layout!r}; choose one of {sorted(CLIP_LAYOUTS)}")
+    return fuse_qkv_parts(convert(state_dict, CLIP_LAYOUTS[layout], spec))
+
+
 # ------------------------------------------------------------------------------------------------ files
 
 
@@ -187,8 +411,10 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if path.is_file():
         files = [path]
     else:
-        for index_name, single_name in (("model.safetensors.index.json", "model.safetensors"),
-                                        ("pytorch_model.bin.index.json", "pytorch_model.bin")):
+        for index_name, single_name in (
+            ("model.safetensors.index.json", "model.safetensors"),
+            ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+        ):
             index = path / index_name
             if index.is_file():
                 shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
@@ -198,16 +424,29 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 files = [path / single_name]
                 break
         else:
-            raise FileNotFoundError(
-                f"{path} holds no model.safetensors[.index.json] or pytorch_model.bin[.index.json]"
-            )
+            raise FileNotFoundError(f"{path} holds no model.safetensors[.index.json] or pytorch_model.bin[.index.json]")
     state_dict: dict[str, torch.Tensor] = {}
     for file in files:
         if file.suffix == ".safetensors":
             state_dict.update(load_file(str(file)))
+        elif _is_torchscript(file):
+            raise ValueError(
+                f"{file} is a TorchScript archive, which holds code as well as weights: extract the weights once "
+                "with torch.jit.load(path).state_dict() (trusted files only) and save them with safetensors"
+            )
         else:
             state_dict.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
     return state_dict
+
+
+def _is_torchscript(file: Path) -> bool:
+    if not zipfile.is_zipfile(file):
+        return False
+    with zipfile.ZipFile(file) as archive:
+        return any(
+            name.endswith("/constants.pkl") or name.startswith("code/") or "/code/" in name
+            for name in archive.namelist()
+        )
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
@@ -225,10 +464,19 @@ class LoadReport:
     unexpected: list[str]
     dropped: list[str]
 
-    def log(self, what: str) -> None:
-        logger.info("loaded %s: %d missing, %d unexpected, %d dropped on purpose (recomputed buffers)",
-                    what, len(self.missing), len(self.unexpected), len(self.dropped))
-        for kind, keys in (("missing", self.missing), ("unexpected", self.unexpected)):
+    def log(self, what: str, fresh: tuple[str, ...] = ()) -> None:
+        """Log the counts; keys under the ``fresh`` prefixes are new on purpose, not missing."""
+        new = [key for key in self.missing if key.startswith(fresh)]
+        missing = [key for key in self.missing if not key.startswith(fresh)]
+        logger.info(
+            "loaded %s: %d new (freshly initialised), %d missing, %d unexpected, %d dropped on purpose",
+            what,
+            len(new),
+            len(missing),
+            len(self.unexpected),
+            len(self.dropped),
+        )
+        for kind, keys in (("missing", missing), ("unexpected", self.unexpected)):
             if keys:
                 logger.warning("%s %s keys: %s", what, kind, ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
 
@@ -244,8 +492,9 @@ def load_into(model: torch.nn.Module, conversion: Conversion) -> LoadReport:
     if mismatched:
         raise ValueError("shape mismatch while loading weights:\n  " + "\n  ".join(mismatched))
     result = model.load_state_dict(conversion.state_dict, strict=False)
-    return LoadReport(sorted(result.missing_keys), sorted(result.unexpected_keys + conversion.unexpected),
-                      sorted(conversion.dropped))
+    return LoadReport(
+        sorted(result.missing_keys), sorted(result.unexpected_keys + conversion.unexpected), sorted(conversion.dropped)
+    )
 
 
 def is_official_config(config: dict[str, Any]) -> bool:
@@ -257,3 +506,122 @@ def official_spec(folder: str | Path) -> ModelConfig:
     if not is_official_config(config):
         raise ConfigError(f"{folder}/config.json is not an official mPLUG-Owl2 config (model_type mplug_owl2)")
     return ModelConfig.from_official(config)
+
+
+# ------------------------------------------------------------------------------------------------ LLaMA + CLIP
+
+# Decoder fields a LLaMA config must agree on with the spec: they fix the weights' shapes or the
+# numerics. Context length and special-token ids are the spec's to choose.
+_LLAMA_FIELDS: dict[str, str] = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "rms_norm_eps": "rms_norm_eps",
+    "rope_theta": "rope_theta",
+}
+
+
+def decoder_config_from_llama(llama: dict[str, Any], where: str = "LLaMA config.json") -> DecoderConfig:
+    """The decoder section for a transformers LLaMA ``config.json`` (transformers 4 or 5 field names).
+
+    Raises :class:`ConfigError` for what owl2's decoder cannot represent (tied embeddings, RoPE scaling,
+    biases, another activation or head size).
+    """
+    if llama.get("model_type") != "llama":
+        raise ConfigError(f"{where} has model_type {llama.get('model_type')!r}, expected 'llama'")
+    rope = llama.get("rope_parameters") or {}  # transformers 5 nests RoPE settings here
+    rope_type = rope.get("rope_type") or (llama.get("rope_scaling") or {}).get("rope_type") or "default"
+    if rope_type != "default" or llama.get("rope_scaling"):
+        raise ConfigError(f"{where} uses RoPE scaling ({rope_type!r}); owl2 supports plain RoPE only")
+    if llama.get("tie_word_embeddings"):
+        raise ConfigError(f"{where} has tie_word_embeddings=true; owl2 has an untied lm_head")
+    if llama.get("hidden_act", "silu") != "silu":
+        raise ConfigError(f"{where} hidden_act is {llama['hidden_act']!r}; owl2's MLP uses silu")
+    for name in ("attention_bias", "mlp_bias"):
+        if llama.get(name):
+            raise ConfigError(f"{where} has {name}=true; owl2's decoder has no biases")
+    fields: dict[str, Any] = {
+        "rope_theta": float(rope.get("rope_theta", llama.get("rope_theta", 10000.0))),
+        "num_kv_heads": llama.get("num_key_value_heads") or llama.get("num_attention_heads"),
+    }
+    required = {ours: theirs for ours, theirs in _LLAMA_FIELDS.items() if ours not in fields}
+    absent = [theirs for theirs in required.values() if theirs not in llama]
+    if absent:
+        raise ConfigError(f"{where} lacks field(s) {absent}")
+    fields.update({ours: llama[theirs] for ours, theirs in required.items()})
+    head_dim = llama.get("head_dim")
+    if head_dim is not None and head_dim * fields["num_heads"] != fields["hidden_size"]:
+        raise ConfigError(f"{where} head_dim={head_dim} is not hidden_size/num_attention_heads; owl2 needs it to be")
+    for ours, default in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
+        # LLaMA-2 has no pad token (null); the official Owl2 pads with unk = 0.
+        value = llama.get(ours)
+        fields[ours] = default if value is None else value
+    fields["max_position_embeddings"] = llama.get("max_position_embeddings", 2048)
+    return DecoderConfig(**fields)
+
+
+def check_llama_matches(llama: DecoderConfig, spec: DecoderConfig, where: str = "LLaMA config.json") -> None:
+    """Raise :class:`ConfigError` naming the first architecture field where the LLaMA and the spec differ."""
+    for ours, theirs in _LLAMA_FIELDS.items():
+        if getattr(llama, ours) != getattr(spec, ours):
+            raise ConfigError(
+                f"{where} {theirs}={getattr(llama, ours)!r} does not match the spec's "
+                f"decoder.{ours}={getattr(spec, ours)!r}"
+            )
+
+
+def build_from_llama_and_clip(
+    llama_dir: str | Path,
+    clip_path: str | Path,
+    spec: ModelConfig | None = None,
+    image_size: int | None = None,
+    dtype: torch.dtype | None = None,
+) -> Owl2ForCausalLM:
+    """A fresh Owl2 from a transformers LLaMA-2 folder and a CLIP vision tower; the abstractor is new.
+
+    Args:
+        llama_dir: folder with ``config.json`` (model_type llama) and safetensors or ``.bin`` weights.
+            Its K/V projections and norms initialise both modality branches.
+        clip_path: a CLIP checkpoint file or folder in any ``CLIP_LAYOUTS`` naming (detected). The OpenAI
+            TorchScript ``.pt`` archive must first be turned into a plain state dict (``torch.jit.load``
+            then ``state_dict()``): archives are refused, like every pickle with more than tensors.
+        spec: the architecture. None: the decoder from the LLaMA config, a ViT-L/14 vision encoder and the
+            default abstractor. A given spec's decoder must match the LLaMA config (shapes, eps, RoPE).
+        image_size: input resolution (default 448 without a spec), replacing the spec's when given; the
+            CLIP position table is resampled to its grid.
+        dtype: parameter dtype (e.g. ``torch.bfloat16`` to build the 7B model in half the memory).
+
+    Returns:
+        The model in eval mode; ``model.load_report`` lists the abstractor's (freshly initialised)
+        weights as missing. Any other missing weight, and any checkpoint key that neither table nor
+        model knows, raises ``ValueError``.
+    """
+    from owl2.model.owl2 import Owl2Config, Owl2ForCausalLM  # owl2.py imports this module
+
+    llama_dir = Path(llama_dir)
+    where = f"{llama_dir}/config.json"
+    llama = decoder_config_from_llama(read_config(llama_dir), where)
+    if spec is None:
+        spec = ModelConfig(
+            vision=VisionConfig(image_size=image_size or 448), abstractor=AbstractorConfig(), decoder=llama
+        )
+    else:
+        check_llama_matches(llama, spec.decoder, where)
+        if image_size is not None:
+            spec = dataclasses.replace(spec, vision=dataclasses.replace(spec.vision, image_size=image_size))
+
+    decoder_part = convert(read_state_dict(llama_dir), LLAMA, spec)
+    vision_part = convert_clip(read_state_dict(clip_path), spec)
+    conversion = Conversion(
+        state_dict={**decoder_part.state_dict, **vision_part.state_dict},
+        dropped=decoder_part.dropped + vision_part.dropped,
+        unexpected=decoder_part.unexpected + vision_part.unexpected,
+    )
+    source = f"{llama_dir} + {clip_path}"
+    model = Owl2ForCausalLM.from_state_dict(
+        Owl2Config.from_spec(spec), conversion, dtype=dtype, strict=True, fresh=("abstractor.",), source=source
+    )
+    return model.eval()
