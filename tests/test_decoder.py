@@ -3,7 +3,7 @@
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from owl2.config import ModelConfig
 from owl2.model import Owl2Config, Owl2ForCausalLM
@@ -24,24 +24,9 @@ DECODER = {
 
 
 @pytest.fixture(scope="module")
-def llama_and_owl2():
+def llama_and_owl2(tiny_llama_config):
     torch.manual_seed(0)
-    llama = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            num_key_value_heads=2,
-            max_position_embeddings=256,
-            rms_norm_eps=1e-6,
-            pad_token_id=0,
-            bos_token_id=1,
-            eos_token_id=2,
-            tie_word_embeddings=False,
-        )
-    ).eval()
+    llama = LlamaForCausalLM(tiny_llama_config).eval()
     spec = ModelConfig.from_preset("debug", {"decoder": DECODER})
     conversion = convert(llama.state_dict(), LLAMA, spec)
     owl2 = Owl2ForCausalLM.from_state_dict(Owl2Config.from_spec(spec), conversion, strict=False).eval()

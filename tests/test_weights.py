@@ -230,19 +230,11 @@ def test_unknown_key_is_reported_or_refused(
 
 
 @pytest.fixture(scope="module")
-def llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, torch.Tensor]]:
+def llama(
+    tmp_path_factory: pytest.TempPathFactory, tiny_llama_config: LlamaConfig
+) -> tuple[Path, dict[str, torch.Tensor]]:
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=256,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        rms_norm_eps=1e-6,
-        max_position_embeddings=256,
-    )
-    model = LlamaForCausalLM(config)
+    model = LlamaForCausalLM(tiny_llama_config)
     _perturb_norms_and_biases(model, seed=1)
     folder = tmp_path_factory.mktemp("llama") / "llama2"
     model.save_pretrained(folder)

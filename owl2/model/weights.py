@@ -61,16 +61,25 @@ def interleaved_qkv_to_grouped(tensor: torch.Tensor, spec: ModelConfig) -> torch
     return tensor.reshape(heads, 3, head_dim, *rest).transpose(0, 1).reshape(tensor.shape)
 
 
-OFFICIAL: tuple[Rule, ...] = (
-    # Decoder: modality copies multiway.0 (text) and multiway.1 (visual).
+# The parts of the decoder that have one copy in LLaMA-2, in the released checkpoint and in owl2.
+_SHARED_DECODER: tuple[Rule, ...] = (
     _rule("model.embed_tokens.weight", "decoder.embed_tokens.weight"),
     _rule("model.layers.{i}.self_attn.q_proj.weight", "decoder.layers.{i}.self_attn.q_proj.weight"),
     _rule("model.layers.{i}.self_attn.o_proj.weight", "decoder.layers.{i}.self_attn.o_proj.weight"),
+    _rule("model.layers.{i}.mlp.gate_proj.weight", "decoder.layers.{i}.mlp.gate_proj.weight"),
+    _rule("model.layers.{i}.mlp.up_proj.weight", "decoder.layers.{i}.mlp.up_proj.weight"),
+    _rule("model.layers.{i}.mlp.down_proj.weight", "decoder.layers.{i}.mlp.down_proj.weight"),
+    _rule("model.norm.weight", "decoder.norm.weight"),
+    _rule("lm_head.weight", "lm_head.weight"),
+    _rule("model.layers.{i}.self_attn.rotary_emb.inv_freq"),  # recomputed from the config
+)
+
+OFFICIAL: tuple[Rule, ...] = _SHARED_DECODER + (
+    # Decoder: modality copies multiway.0 (text) and multiway.1 (visual).
     _rule("model.layers.{i}.self_attn.k_proj.multiway.0.weight", "decoder.layers.{i}.self_attn.k_proj.text.weight"),
     _rule("model.layers.{i}.self_attn.k_proj.multiway.1.weight", "decoder.layers.{i}.self_attn.k_proj.visual.weight"),
     _rule("model.layers.{i}.self_attn.v_proj.multiway.0.weight", "decoder.layers.{i}.self_attn.v_proj.text.weight"),
     _rule("model.layers.{i}.self_attn.v_proj.multiway.1.weight", "decoder.layers.{i}.self_attn.v_proj.visual.weight"),
-    _rule("model.layers.{i}.self_attn.rotary_emb.inv_freq"),
     _rule("model.layers.{i}.input_layernorm.multiway.0.weight", "decoder.layers.{i}.input_layernorm.text.weight"),
     _rule("model.layers.{i}.input_layernorm.multiway.1.weight", "decoder.layers.{i}.input_layernorm.visual.weight"),
     _rule(
@@ -81,11 +90,6 @@ OFFICIAL: tuple[Rule, ...] = (
         "model.layers.{i}.post_attention_layernorm.multiway.1.weight",
         "decoder.layers.{i}.post_attention_layernorm.visual.weight",
     ),
-    _rule("model.layers.{i}.mlp.gate_proj.weight", "decoder.layers.{i}.mlp.gate_proj.weight"),
-    _rule("model.layers.{i}.mlp.up_proj.weight", "decoder.layers.{i}.mlp.up_proj.weight"),
-    _rule("model.layers.{i}.mlp.down_proj.weight", "decoder.layers.{i}.mlp.down_proj.weight"),
-    _rule("model.norm.weight", "decoder.norm.weight"),
-    _rule("lm_head.weight", "lm_head.weight"),
     # Vision encoder (official ViT -> timm names).
     _rule("model.vision_model.embeddings.cls_token", "vision.cls_token"),
     _rule("model.vision_model.embeddings.position_embedding", "vision.pos_embed"),
@@ -152,10 +156,7 @@ OFFICIAL: tuple[Rule, ...] = (
     ),
 )
 
-LLAMA: tuple[Rule, ...] = (
-    _rule("model.embed_tokens.weight", "decoder.embed_tokens.weight"),
-    _rule("model.layers.{i}.self_attn.q_proj.weight", "decoder.layers.{i}.self_attn.q_proj.weight"),
-    _rule("model.layers.{i}.self_attn.o_proj.weight", "decoder.layers.{i}.self_attn.o_proj.weight"),
+LLAMA: tuple[Rule, ...] = _SHARED_DECODER + (
     # One LLaMA projection/norm initialises both modality copies.
     _rule(
         "model.layers.{i}.self_attn.k_proj.weight",
@@ -167,7 +168,6 @@ LLAMA: tuple[Rule, ...] = (
         "decoder.layers.{i}.self_attn.v_proj.text.weight",
         "decoder.layers.{i}.self_attn.v_proj.visual.weight",
     ),
-    _rule("model.layers.{i}.self_attn.rotary_emb.inv_freq"),
     _rule(
         "model.layers.{i}.input_layernorm.weight",
         "decoder.layers.{i}.input_layernorm.text.weight",
@@ -178,11 +178,6 @@ LLAMA: tuple[Rule, ...] = (
         "decoder.layers.{i}.post_attention_layernorm.text.weight",
         "decoder.layers.{i}.post_attention_layernorm.visual.weight",
     ),
-    _rule("model.layers.{i}.mlp.gate_proj.weight", "decoder.layers.{i}.mlp.gate_proj.weight"),
-    _rule("model.layers.{i}.mlp.up_proj.weight", "decoder.layers.{i}.mlp.up_proj.weight"),
-    _rule("model.layers.{i}.mlp.down_proj.weight", "decoder.layers.{i}.mlp.down_proj.weight"),
-    _rule("model.norm.weight", "decoder.norm.weight"),
-    _rule("lm_head.weight", "lm_head.weight"),
 )
 
 # ------------------------------------------------------------------------------------------------ CLIP
