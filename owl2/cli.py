@@ -22,7 +22,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.handler(args)
-    except ConfigError as error:
+    except (ConfigError, FileNotFoundError) as error:
         print(f"owl2: error: {error}", file=sys.stderr)
         return USAGE_ERROR
 
@@ -39,7 +39,64 @@ def _build_parser() -> argparse.ArgumentParser:
     summary.add_argument("--preset", required=True, help="model preset: debug, tiny-cpu or owl2-7b")
     summary.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. decoder.num_layers=4")
     summary.set_defaults(handler=_model_summary)
+
+    convert = model_commands.add_parser(
+        "convert", help="re-save a released mPLUG-Owl2 folder (or one of ours) as an owl2 safetensors folder"
+    )
+    convert.add_argument("source", help="folder with config.json and weights (official or owl2 format)")
+    convert.add_argument("--out", required=True, help="folder to write (config.json + model*.safetensors)")
+    convert.add_argument("--dtype", choices=sorted(DTYPES), help="cast the weights, e.g. bfloat16")
+    convert.set_defaults(handler=_model_convert)
+
+    build = model_commands.add_parser(
+        "build", help="assemble a fresh model from a LLaMA-2 folder and CLIP ViT-L/14 weights (new abstractor)"
+    )
+    build.add_argument("--llama", required=True, help="transformers LLaMA folder (config.json + weights)")
+    build.add_argument("--clip", required=True, help="CLIP vision weights: OpenAI, timm or transformers naming")
+    build.add_argument("--out", required=True, help="folder to write")
+    build.add_argument("--image-size", type=int, help="input resolution (default 448); positions are resampled")
+    build.add_argument(
+        "--preset", help="architecture preset (default: ViT-L/14, the paper's abstractor, the LLaMA config's decoder)"
+    )
+    build.add_argument(
+        "overrides", nargs="*", metavar="KEY=VALUE", help="preset overrides, e.g. abstractor.num_layers=3"
+    )
+    build.add_argument("--dtype", choices=sorted(DTYPES), help="parameter dtype, e.g. bfloat16")
+    build.set_defaults(handler=_model_build)
     return parser
+
+
+DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}
+
+
+def _dtype(name: str | None) -> Any:
+    import torch
+
+    return getattr(torch, DTYPES[name]) if name else None
+
+
+def _model_convert(args: argparse.Namespace) -> int:
+    from owl2.model.owl2 import Owl2ForCausalLM
+
+    model = Owl2ForCausalLM.from_pretrained(args.source, dtype=_dtype(args.dtype))
+    model.save_pretrained(args.out)
+    print(f"wrote {args.out} ({sum(p.numel() for p in model.parameters()):,} parameters, {model.dtype})")
+    return 0
+
+
+def _model_build(args: argparse.Namespace) -> int:
+    from owl2.model.weights import build_from_llama_and_clip
+
+    if args.overrides and not args.preset:
+        raise ConfigError("overrides need --preset (without it the architecture comes from the checkpoints)")
+    spec = ModelConfig.from_preset(args.preset, list(args.overrides)) if args.preset else None
+    model = build_from_llama_and_clip(
+        args.llama, args.clip, spec=spec, image_size=args.image_size, dtype=_dtype(args.dtype)
+    )
+    model.save_pretrained(args.out)
+    new = len(model.load_report.missing)
+    print(f"wrote {args.out}: decoder from {args.llama}, vision from {args.clip}, {new} new abstractor tensors")
+    return 0
 
 
 def _model_summary(args: argparse.Namespace) -> int:

@@ -46,3 +46,27 @@ def test_bad_override_is_a_clean_usage_error(capsys: pytest.CaptureFixture[str])
 def test_unknown_preset_is_a_clean_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["model", "summary", "--preset", "no-such-preset"]) == 2
     assert "no-such-preset" in capsys.readouterr().err
+
+
+def test_model_convert_turns_the_official_folder_into_ours(tmp_path, golden_dir, capsys) -> None:
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from owl2.model import Owl2ForCausalLM
+
+    assert main(["model", "convert", str(golden_dir), "--out", str(tmp_path / "owl2"), "--dtype", "bfloat16"]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert json.loads((tmp_path / "owl2" / "config.json").read_text())["model_type"] == "owl2"
+    saved = load_file(tmp_path / "owl2" / "model.safetensors")
+    assert saved["decoder.norm.weight"].dtype == torch.bfloat16
+    reloaded = Owl2ForCausalLM.from_pretrained(tmp_path / "owl2")
+    official = Owl2ForCausalLM.from_pretrained(golden_dir, dtype=torch.bfloat16)
+    for (name, ours), (_, theirs) in zip(reloaded.state_dict().items(), official.state_dict().items(), strict=True):
+        assert torch.equal(ours, theirs), name
+
+
+def test_model_convert_of_a_missing_folder_is_a_clean_error(tmp_path, capsys) -> None:
+    assert main(["model", "convert", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
+    assert "config.json" in capsys.readouterr().err

@@ -536,3 +536,17 @@ def test_bfloat16_build_keeps_fixed_tables_in_float32(
     with torch.no_grad():
         out = model(torch.tensor([[1, -200, 5, 6]]), images=torch.randn(1, 3, 56, 56, dtype=torch.bfloat16))
     assert out.logits.dtype == torch.bfloat16 and torch.isfinite(out.logits.float()).all()
+
+
+def test_cli_build_writes_a_loadable_model(
+    tmp_path: Path, llama: tuple[Path, dict[str, torch.Tensor]], hf_clip: tuple[Path, CLIPVisionModel]
+) -> None:
+    from owl2.cli import main
+
+    out = tmp_path / "fresh"
+    args = ["model", "build", "--llama", str(llama[0]), "--clip", str(hf_clip[0]), "--out", str(out)]
+    assert main([*args, "--preset", "debug", "decoder.num_kv_heads=2"]) == 0
+    model = Owl2ForCausalLM.from_pretrained(out)
+    _assert_decoder_is_llama(model, llama[1])
+    # The decoder must match the LLaMA folder: a preset that disagrees is refused before any work.
+    assert main([*args, "--preset", "debug"]) == 2
