@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 # Set before anything imports transformers/huggingface_hub, which read these once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,3 +59,29 @@ def tiny_llama_config():
         eos_token_id=2,
         tie_word_embeddings=False,
     )
+
+
+# Operations that make the host wait for the device (data-dependent shapes or scalar reads).
+SYNCING_OPS = frozenset({"aten.nonzero", "aten._local_scalar_dense", "aten.masked_select", "aten.item", "aten.unique"})
+
+
+class OpRecorder(TorchDispatchMode):
+    """Records the name of every aten operation run inside ``with recorder:``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: set[str] = set()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.add(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def syncing(self) -> set[str]:
+        assert self.ops, "the recorder saw no operations"
+        return self.ops & SYNCING_OPS
+
+
+@pytest.fixture
+def op_recorder() -> OpRecorder:
+    return OpRecorder()

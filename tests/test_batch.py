@@ -147,3 +147,16 @@ def test_beam_search_with_several_returns_keeps_images_with_their_rows(model, im
         ids = torch.tensor([SAMPLES[row][0]])
         alone = model.generate(ids, images=_images_of(row, images) if SAMPLES[row][1] else None, **kwargs)
         assert torch.equal(generated[2 * row : 2 * row + 2, -4:], alone[:, -4:]), f"row {row}"
+
+
+def test_forward_with_host_image_counts_never_reads_the_device(model, images, op_recorder):
+    batch = _batch("right", with_labels=True)
+    counts = [n for _, n in SAMPLES]
+    with torch.no_grad():
+        reference = model(**batch, images=images, use_cache=False)
+        with op_recorder:
+            out = model(**batch, images=images, image_counts=counts, use_cache=False)
+    assert torch.equal(out.logits, reference.logits) and torch.equal(out.loss, reference.loss)
+    assert not op_recorder.syncing
+    with pytest.raises(ValueError, match="image_counts has 2 entries for a batch of 3 rows"):
+        model(**batch, images=images, image_counts=counts[:2])

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 from transformers import LlamaForCausalLM
 
 from owl2.config import ModelConfig
@@ -106,24 +105,12 @@ def test_each_token_follows_its_own_branch():
     torch.testing.assert_close(layer.text.weight.grad, expected_text_grad)
 
 
-class _RecordOps(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops = set()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
-def test_decoder_routing_has_no_data_dependent_ops(llama_and_owl2):
+def test_decoder_routing_has_no_data_dependent_ops(llama_and_owl2, op_recorder):
     """Data-dependent shapes or scalar reads would force a host-device sync per layer on a GPU."""
     _, owl2 = llama_and_owl2
     embeds = torch.randn(2, 9, 64)
     attention_mask = torch.ones(2, 9, dtype=torch.long)
     attention_mask[0, :3] = 0
-    with torch.no_grad(), _RecordOps() as recorder:
+    with torch.no_grad(), op_recorder:
         owl2.decoder(embeds, attention_mask=attention_mask, visual_mask=_random_visual_mask((2, 9), 5))
-    syncing = {"aten.nonzero", "aten._local_scalar_dense", "aten.masked_select", "aten.item", "aten.unique"}
-    assert recorder.ops, "the dispatch recorder saw no operations"
-    assert not recorder.ops & syncing
+    assert not op_recorder.syncing

@@ -511,6 +511,7 @@ def test_openai_table_keeps_the_text_tower_out() -> None:
     assert target_keys("visual.attnpool.weight", CLIP_OPENAI) is None  # a ResNet CLIP: not ours
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 def test_torchscript_archive_is_refused_with_a_way_out(tmp_path: Path) -> None:
     torch.jit.save(torch.jit.script(nn.Linear(2, 2)), tmp_path / "ViT-L-14.pt")
     with pytest.raises(ValueError, match=r"TorchScript archive.*torch.jit.load\(path\).state_dict\(\)"):

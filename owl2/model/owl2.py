@@ -98,6 +98,7 @@ def splice_images(
     image_tokens: torch.Tensor | None,
     attention_mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
+    image_counts: list[int] | None = None,
 ) -> Spliced:
     """Replace every ``-200`` placeholder by its image's tokens, vectorised over the batch.
 
@@ -106,18 +107,22 @@ def splice_images(
         embeddings: the decoder's token embedding.
         image_tokens: ``[N, K, D]`` abstractor outputs, N = number of placeholders in the batch.
         attention_mask: ``[B, L]`` (None: all ones). labels: ``[B, L]`` or None.
+        image_counts: placeholders per row, known on the host (the collate function provides them);
+            without them they are read back from the device once.
 
     Rows that expand to different lengths are padded with zero embeddings (mask 0, label -100). The padding
     goes where the batch already pads: after the tokens in a right-padded batch; before them when every row
     ends with a real token (left-padded or unpadded, as in generation), so the last position stays real.
-    Reads one small tensor back to the host (the placeholder counts, to size the output and validate).
+    The output length depends on the placeholder counts; given ``image_counts`` nothing is read back.
     """
     batch, length = input_ids.shape
     device = input_ids.device
     per_image = 0 if image_tokens is None else image_tokens.shape[1]
     num_images = 0 if image_tokens is None else image_tokens.shape[0]
     is_image = input_ids == IMAGE_TOKEN_INDEX
-    counts = is_image.sum(dim=1).tolist()
+    counts = list(image_counts) if image_counts is not None else is_image.sum(dim=1).tolist()
+    if len(counts) != batch:
+        raise ValueError(f"image_counts has {len(counts)} entries for a batch of {batch} rows")
     if sum(counts) != num_images:
         raise ValueError(
             f"input_ids hold {sum(counts)} image placeholders ({IMAGE_TOKEN_INDEX}; per row {counts}) but "
@@ -315,6 +320,7 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
         attention_mask: torch.Tensor | None = None,
         images: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        image_counts: list[int] | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -331,6 +337,8 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
             images: ``[N, 3, H, W]``, one per placeholder, batch order then placeholder order.
             labels: ``[B, L]`` with -100 for ignored tokens; loss = mean cross-entropy of the next token.
                 Positions are counted from the mask, so padding never shifts them.
+            image_counts: images per row as host integers (from the collate function): the forward
+                then never waits for the device.
             cache: a transformers ``Cache``; created when ``use_cache`` and none is given.
             logits_to_keep: compute logits for the last this-many positions only (0 = all).
 
@@ -354,7 +362,9 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
             step_visual_mask = None
         else:
             image_tokens = self.encode_images(images) if images is not None and images.shape[0] else None
-            spliced = splice_images(input_ids, self.decoder.embed_tokens, image_tokens, attention_mask, labels)
+            spliced = splice_images(
+                input_ids, self.decoder.embed_tokens, image_tokens, attention_mask, labels, image_counts
+            )
             step_visual_mask = spliced.visual_mask if image_tokens is not None else None
 
         hidden, hidden_states = self.decoder(
