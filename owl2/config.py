@@ -249,6 +249,78 @@ class ModelConfig:
         return cls(vision=vision_cfg, abstractor=abstractor_cfg, decoder=DecoderConfig(**decoder_fields))
 
 
+DATA_FORMATS = ("llava", "captions", "webdataset")
+TEMPLATE_NAMES = ("mplug_owl2", "vicuna_v1")
+RESIZE_MODES = ("stretch", "pad", "crop")
+
+
+@dataclasses.dataclass
+class SourceConfig:
+    """One dataset of a mixture."""
+
+    format: str
+    """``llava`` (conversation JSON/JSONL), ``captions`` (JSONL/CSV/parquet) or ``webdataset`` (.tar shards)."""
+    path: str | list[str]
+    """File(s) or folder(s); local paths or URIs such as ``s3://bucket/prefix``."""
+    image_root: str | None = None
+    """Folder that relative image paths are under (default: beside the data file)."""
+    name: str | None = None
+    """Label in metrics (default: the file's stem)."""
+    weight: float = 1.0
+    """Expected number of times each sample is seen per epoch: 2.0 doubles a source, 0.5 takes a different
+    (deterministic) half each epoch."""
+
+    def __post_init__(self) -> None:
+        _check(self.format in DATA_FORMATS, f"data source format {self.format!r} must be one of {list(DATA_FORMATS)}")
+        _check(bool(self.path), "data source path must not be empty")
+        _check(self.weight > 0, f"data source weight must be positive, got {self.weight}")
+
+    @property
+    def label(self) -> str:
+        first = self.path if isinstance(self.path, str) else self.path[0]
+        return self.name or Path(first.rstrip("/").split("://")[-1]).stem
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """What to read and how to turn it into model inputs."""
+
+    sources: list[SourceConfig] = dataclasses.field(default_factory=list)
+    tokenizer: str = ""
+    """Folder with the LLaMA ``tokenizer.model`` (e.g. the checkpoint folder)."""
+    template: str = "vicuna_v1"
+    """Conversation template for chat samples (captions always use the plain image-then-caption form)."""
+    max_length: int = 2048
+    """Longest sequence in decoder tokens, each image counting as its num_queries + 1 tokens."""
+    image_size: int = 448
+    resize: str = "stretch"
+    """``stretch`` to a square (the official evaluation), ``pad`` to a square with the mean colour (the
+    official fine-tuning), or ``crop`` (shortest side, then centre crop)."""
+    max_image_pixels: int = 64_000_000
+    """Larger images are skipped as possible decompression bombs."""
+    max_bad_fraction: float = 0.05
+    """Stop when more than this fraction of the records seen so far was skipped (after ``min_records_for_check``)."""
+    min_records_for_check: int = 200
+    seed: int = 0
+    tokenizer_actors: int = 1
+    """Actors that tokenise (each loads the tokenizer once)."""
+
+    def __post_init__(self) -> None:
+        _check(
+            self.template in TEMPLATE_NAMES, f"data.template {self.template!r} must be one of {list(TEMPLATE_NAMES)}"
+        )
+        _check(self.resize in RESIZE_MODES, f"data.resize {self.resize!r} must be one of {list(RESIZE_MODES)}")
+        _check(self.max_length > 0, f"data.max_length must be positive, got {self.max_length}")
+        _check(self.image_size > 0, f"data.image_size must be positive, got {self.image_size}")
+        _check(
+            0 <= self.max_bad_fraction <= 1, f"data.max_bad_fraction must lie in [0, 1], got {self.max_bad_fraction}"
+        )
+        _check(self.tokenizer_actors >= 1, f"data.tokenizer_actors must be at least 1, got {self.tokenizer_actors}")
+        labels = [source.label for source in self.sources]
+        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        _check(not duplicates, f"data.sources have duplicate names {duplicates}: give each a distinct 'name'")
+
+
 def _pick(source: dict[str, Any], where: str, **names: str) -> dict[str, Any]:
     """Rename the official fields to ours; a missing field is an error naming it."""
     missing = [theirs for theirs in names.values() if theirs not in source]

@@ -1,6 +1,7 @@
 """Test-wide settings: no model hub, few threads, and the shared golden vectors."""
 
 import os
+import random
 from pathlib import Path
 
 import pytest
@@ -85,3 +86,66 @@ class OpRecorder(TorchDispatchMode):
 @pytest.fixture
 def op_recorder() -> OpRecorder:
     return OpRecorder()
+
+
+def _spm_corpus(n: int = 400) -> list[str]:
+    rng = random.Random(0)
+    subjects = ["the cat", "a small dog", "my neighbour", "the red car", "an old man", "two birds", "a young girl"]
+    verbs = ["sees", "likes", "paints", "carries", "finds", "watches", "describes"]
+    objects = ["the picture", "a blue ball", "the river", "three apples", "the window", "an image of a house"]
+    endings = ["today.", "in the morning!", "near the park?", "with 42 friends.", "because it is sunny.", ""]
+    lines = [
+        f"{rng.choice(subjects).capitalize()} {rng.choice(verbs)} {rng.choice(objects)} {rng.choice(endings)}".strip()
+        for _ in range(n)
+    ]
+    return lines + ["USER: What is this? ASSISTANT: This is a photo."] * 20
+
+
+@pytest.fixture(scope="session")
+def spm_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder holding only ``tokenizer.model``: a tiny SentencePiece BPE trained with LLaMA's settings."""
+    import sentencepiece as spm
+
+    folder = tmp_path_factory.mktemp("spm")
+    corpus = folder / "corpus.txt"
+    corpus.write_text("\n".join(_spm_corpus()), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(corpus),
+        model_prefix=str(folder / "tokenizer"),
+        model_type="bpe",
+        vocab_size=400,  # 256 byte pieces + 3 specials + ~140 learned pieces
+        unk_id=0,
+        bos_id=1,
+        eos_id=2,
+        pad_id=-1,
+        byte_fallback=True,
+        split_digits=True,
+        add_dummy_prefix=True,
+        remove_extra_whitespaces=False,
+        normalization_rule_name="identity",
+        character_coverage=1.0,
+        minloglevel=2,
+    )
+    corpus.unlink()  # the folder doubles as a checkpoint folder for load_tokenizer
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    """One local Ray cluster for the whole test session (a cold start costs about 5 s on 2 cores)."""
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=2,
+            object_store_memory=256 * 1024 * 1024,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    context = ray.data.DataContext.get_current()
+    context.enable_progress_bars = False
+    context.print_on_execution_start = False
+    yield ray
+    ray.shutdown()

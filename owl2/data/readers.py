@@ -1,0 +1,242 @@
+"""Readers: the image-text formats people have -> a ``ray.data.Dataset`` of samples (see ``sample.py``).
+
+* LLaVA conversations: a JSON array or JSONL of ``{"id", "image", "conversations": [{"from", "value"}]}``
+  (``<image>`` or ``<|image|>`` placeholders, multi-turn, text-only rows, ``image`` a path or a list).
+* Caption pairs: JSONL, CSV or parquet with an image path or the image bytes, and a caption.
+* webdataset shards: ``.tar`` files whose samples are ``{key}.jpg|png|...`` plus ``{key}.txt`` (a caption)
+  or ``{key}.json`` (a caption or a LLaVA record).
+
+Every reader reads whole files as bytes with Ray Data (local paths or any URI pyarrow reads, such as
+``s3://``) and parses them in tasks, so a broken row becomes a sample with ``error="malformed_record"``
+instead of failing the dataset, and every sample gets a unique ``origin`` (``file:row``) from which the
+deterministic order is derived. A file that cannot be parsed at all (a truncated JSON array, a corrupt
+tar) fails the read with an error naming the file.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import posixpath
+import tarfile
+from collections.abc import Callable, Iterator
+from pathlib import PurePosixPath
+from typing import Any
+
+import ray.data
+
+from owl2.config import IMAGE_PLACEHOLDER, SourceConfig
+from owl2.data.sample import make_sample
+
+FILE_EXTENSIONS = {"llava": ("json", "jsonl"), "captions": ("jsonl", "csv", "parquet"), "webdataset": ("tar",)}
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
+LLAVA_PLACEHOLDER = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+_IMAGE_PATH_COLUMNS = ("image", "image_path", "file_name", "path", "filepath")
+_IMAGE_BYTES_COLUMNS = ("image_bytes", "jpg", "jpeg", "png", "webp", "bytes")
+_CAPTION_COLUMNS = ("caption", "text", "txt")
+
+
+def read(source: SourceConfig, override_num_blocks: int | None = None) -> ray.data.Dataset:
+    """The samples of one source, in file order."""
+    parsers: dict[str, Callable[[bytes, str, SourceConfig], Iterator[dict[str, Any]]]] = {
+        "llava": _parse_llava_file,
+        "captions": _parse_caption_file,
+        "webdataset": _parse_webdataset_file,
+    }
+    parse = parsers[source.format]
+    files = ray.data.read_binary_files(
+        source.path,
+        include_paths=True,
+        file_extensions=list(FILE_EXTENSIONS[source.format]),
+        override_num_blocks=override_num_blocks,
+    )
+
+    def parse_file(row: dict[str, Any]) -> list[dict[str, Any]]:
+        return list(parse(row["bytes"], row["path"], source))
+
+    return files.flat_map(parse_file)
+
+
+# ------------------------------------------------------------------------------------------------ LLaVA
+
+
+def _parse_llava_file(data: bytes, path: str, source: SourceConfig) -> Iterator[dict[str, Any]]:
+    text = data.decode("utf-8")
+    if path.endswith(".jsonl"):
+        for row, line in enumerate(text.splitlines()):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                yield _malformed(path, row, source, f"invalid JSON: {error}")
+                continue
+            yield llava_sample(record, path, row, source)
+        return
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not valid JSON ({error}); LLaVA data must be a JSON array or JSONL") from error
+    if not isinstance(records, list):
+        raise ValueError(f"{path} holds a JSON {type(records).__name__}; LLaVA data must be a JSON array of records")
+    for row, record in enumerate(records):
+        yield llava_sample(record, path, row, source)
+
+
+def llava_sample(record: Any, path: str, row: int, source: SourceConfig) -> dict[str, Any]:
+    """One LLaVA record -> a sample; structural problems give ``malformed_record``."""
+    if not isinstance(record, dict):
+        return _malformed(path, row, source, f"record is a {type(record).__name__}, not an object")
+    turns = record.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        return _malformed(path, row, source, "no 'conversations' list")
+    messages = []
+    for turn in turns:
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str) or turn.get("from") not in ROLES:
+            return _malformed(path, row, source, f"bad turn {str(turn)[:80]!r}: needs 'from' in {list(ROLES)}")
+        content = turn["value"].replace(LLAVA_PLACEHOLDER, IMAGE_PLACEHOLDER)
+        messages.append({"role": ROLES[turn["from"]], "content": content})
+    images = record.get("image")
+    if images is None:
+        images = []
+    elif isinstance(images, str):
+        images = [images]
+    if not isinstance(images, list) or not all(isinstance(image, str) for image in images):
+        return _malformed(path, row, source, "'image' must be a path or a list of paths")
+    return make_sample(
+        id=str(record.get("id", f"{path}:{row}")),
+        origin=f"{path}:{row}",
+        source=source.label,
+        task="chat",
+        messages=messages,
+        images=[resolve(image, path, source.image_root) for image in images],
+    )
+
+
+# ------------------------------------------------------------------------------------------------ captions
+
+
+def _parse_caption_file(data: bytes, path: str, source: SourceConfig) -> Iterator[dict[str, Any]]:
+    suffix = path.rsplit(".", 1)[-1].lower()
+    if suffix == "jsonl":
+        for row, line in enumerate(data.decode("utf-8").splitlines()):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                yield _malformed(path, row, source, f"invalid JSON: {error}")
+                continue
+            yield caption_sample(record, path, row, source)
+    elif suffix == "csv":
+        for row, record in enumerate(csv.DictReader(io.StringIO(data.decode("utf-8")))):
+            yield caption_sample(record, path, row, source)
+    elif suffix == "parquet":
+        import pyarrow.parquet as pq
+
+        for row, record in enumerate(pq.read_table(io.BytesIO(data)).to_pylist()):
+            yield caption_sample(record, path, row, source)
+    else:
+        raise ValueError(f"{path}: caption files must be .jsonl, .csv or .parquet")
+
+
+def caption_sample(record: Any, path: str, row: int, source: SourceConfig) -> dict[str, Any]:
+    """One caption pair (an image path or bytes, and a caption) -> a ``caption`` sample."""
+    if not isinstance(record, dict):
+        return _malformed(path, row, source, f"record is a {type(record).__name__}, not an object")
+    caption = next((record[c] for c in _CAPTION_COLUMNS if isinstance(record.get(c), str) and record[c].strip()), None)
+    image_path = next((record[c] for c in _IMAGE_PATH_COLUMNS if isinstance(record.get(c), str) and record[c]), None)
+    image_bytes = next((record[c] for c in _IMAGE_BYTES_COLUMNS if isinstance(record.get(c), bytes)), None)
+    if caption is None:
+        return _malformed(path, row, source, f"no caption in any of the columns {list(_CAPTION_COLUMNS)}")
+    if image_path is None and image_bytes is None:
+        return _malformed(
+            path, row, source, f"no image path ({list(_IMAGE_PATH_COLUMNS)}) or bytes ({list(_IMAGE_BYTES_COLUMNS)})"
+        )
+    return make_sample(
+        id=str(record.get("id", f"{path}:{row}")),
+        origin=f"{path}:{row}",
+        source=source.label,
+        task="caption",
+        messages=_caption_messages(caption),
+        images=[] if image_bytes is not None else [resolve(image_path, path, source.image_root)],
+        image_bytes=[image_bytes] if image_bytes is not None else [],
+    )
+
+
+def _caption_messages(caption: str) -> list[dict[str, str]]:
+    return [{"role": "user", "content": IMAGE_PLACEHOLDER}, {"role": "assistant", "content": caption.strip()}]
+
+
+# ------------------------------------------------------------------------------------------------ webdataset
+
+
+def _parse_webdataset_file(data: bytes, path: str, source: SourceConfig) -> Iterator[dict[str, Any]]:
+    try:
+        archive = tarfile.open(fileobj=io.BytesIO(data), mode="r:*")
+        members = [member for member in archive.getmembers() if member.isfile()]
+    except (tarfile.TarError, EOFError) as error:
+        raise ValueError(f"{path} is not a readable tar archive ({error})") from error
+    # Samples are groups of adjacent members sharing a key (the name up to its first dot).
+    groups: dict[str, dict[str, bytes]] = {}
+    for member in members:
+        name = posixpath.basename(member.name)
+        key, _, extension = name.partition(".")
+        if not extension or name.startswith("."):
+            continue
+        handle = archive.extractfile(member)
+        groups.setdefault(posixpath.join(posixpath.dirname(member.name), key), {})[extension.lower()] = (
+            handle.read() if handle else b""
+        )
+    for row, (key, parts) in enumerate(groups.items()):
+        yield webdataset_sample(key, parts, path, row, source)
+
+
+def webdataset_sample(key: str, parts: dict[str, bytes], path: str, row: int, source: SourceConfig) -> dict[str, Any]:
+    """One webdataset sample (its members by extension) -> a ``caption`` or ``chat`` sample."""
+    image = next((parts[ext] for ext in IMAGE_EXTENSIONS if ext in parts), None)
+    if image is None:
+        return _malformed(path, row, source, f"sample {key!r} has no image member ({', '.join(IMAGE_EXTENSIONS)})")
+    if "json" in parts:
+        try:
+            record = json.loads(parts["json"].decode("utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            return _malformed(path, row, source, f"sample {key!r}: invalid JSON ({error})")
+        if isinstance(record, dict) and "conversations" in record:
+            sample = llava_sample({**record, "image": None}, path, row, source)
+            sample.update(id=str(record.get("id", key)), images=[], image_bytes=[image])
+            return sample
+        if isinstance(record, dict) and any(isinstance(record.get(c), str) for c in _CAPTION_COLUMNS):
+            return caption_sample({**record, "image_bytes": image}, path, row, source)
+        return _malformed(path, row, source, f"sample {key!r}: JSON has neither 'conversations' nor a caption")
+    text = parts.get("txt") or parts.get("caption")
+    if text is None:
+        return _malformed(path, row, source, f"sample {key!r} has no .txt/.json member")
+    try:
+        caption = text.decode("utf-8")
+    except UnicodeDecodeError:
+        return _malformed(path, row, source, f"sample {key!r}: caption is not UTF-8")
+    return caption_sample({"id": key, "caption": caption, "image_bytes": image}, path, row, source)
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def resolve(image: str, data_file: str, image_root: str | None) -> str:
+    """Absolute path/URI of an image named in ``data_file``: under ``image_root`` if given, else beside the file."""
+    if "://" in image or image.startswith("/"):
+        return image
+    base = image_root if image_root is not None else posixpath.dirname(data_file)
+    return posixpath.join(base, image) if "://" in base else str(PurePosixPath(base) / image)
+
+
+def _malformed(path: str, row: int, source: SourceConfig, detail: str) -> dict[str, Any]:
+    return make_sample(
+        id=f"{path}:{row}",
+        origin=f"{path}:{row}",
+        source=source.label,
+        error="malformed_record",
+        detail=f"{path} row {row}: {detail}",
+    )

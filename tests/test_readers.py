@@ -1,0 +1,157 @@
+"""Readers: each format, written here to disk, becomes samples; broken rows become counted samples."""
+
+import csv
+import io
+import json
+import tarfile
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from owl2.config import IMAGE_PLACEHOLDER, SourceConfig
+from owl2.data.readers import read
+from owl2.data.sample import decode_messages
+
+
+def _rows(source: SourceConfig) -> dict[str, dict]:
+    return {row["id"]: row for row in read(source).take_all()}
+
+
+def test_llava_json_conversations_placeholders_and_text_only_rows(ray_cluster, tmp_path):
+    records = [
+        {
+            "id": "a",
+            "image": "imgs/a.jpg",
+            "conversations": [
+                {"from": "human", "value": "<image>\nWhat is it?"},
+                {"from": "gpt", "value": "A cat."},
+                {"from": "human", "value": "Colour?"},
+                {"from": "gpt", "value": "Grey."},
+            ],
+        },
+        {
+            "id": "b",
+            "image": ["x.png", "y.png"],
+            "conversations": [{"from": "human", "value": "<|image|><|image|>Same?"}, {"from": "gpt", "value": "No."}],
+        },
+        {"id": "c", "conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello."}]},
+        {"id": "d", "conversations": "not a list"},
+        ["not", "a", "record"],
+        {"id": "f", "conversations": [{"from": "robot", "value": "?"}]},
+    ]
+    (tmp_path / "train.json").write_text(json.dumps(records))
+    rows = _rows(SourceConfig(format="llava", path=str(tmp_path / "train.json"), image_root="/data/coco"))
+
+    a = rows["a"]
+    assert a["task"] == "chat" and a["error"] == "" and a["source"] == "train"
+    assert a["images"] == ["/data/coco/imgs/a.jpg"]
+    assert decode_messages(a["messages"]) == [
+        {"role": "user", "content": f"{IMAGE_PLACEHOLDER}\nWhat is it?"},
+        {"role": "assistant", "content": "A cat."},
+        {"role": "user", "content": "Colour?"},
+        {"role": "assistant", "content": "Grey."},
+    ]
+    assert rows["b"]["images"] == ["/data/coco/x.png", "/data/coco/y.png"]
+    assert decode_messages(rows["b"]["messages"])[0]["content"].count(IMAGE_PLACEHOLDER) == 2
+    assert rows["c"]["images"] == [] and rows["c"]["error"] == ""
+    malformed = [row for row in rows.values() if row["error"]]
+    assert len(malformed) == 3 and {row["error"] for row in malformed} == {"malformed_record"}
+    assert all(str(tmp_path / "train.json") in row["detail"] for row in malformed)
+    assert len({row["origin"] for row in rows.values()}) == 6
+
+
+def test_llava_jsonl_with_a_broken_line_and_images_beside_the_file(ray_cluster, tmp_path):
+    lines = [
+        json.dumps(
+            {
+                "id": "ok",
+                "image": "a.png",
+                "conversations": [{"from": "human", "value": "<image>Q"}, {"from": "gpt", "value": "A"}],
+            }
+        ),
+        "{not json",
+        "",
+    ]
+    (tmp_path / "data.jsonl").write_text("\n".join(lines))
+    rows = list(read(SourceConfig(format="llava", path=str(tmp_path / "data.jsonl"))).take_all())
+    assert len(rows) == 2
+    good = next(row for row in rows if not row["error"])
+    assert good["images"] == [str(tmp_path / "a.png")]
+    bad = next(row for row in rows if row["error"])
+    assert bad["error"] == "malformed_record" and "row 1" in bad["detail"] and "invalid JSON" in bad["detail"]
+
+
+def test_a_truncated_json_array_names_the_file(ray_cluster, tmp_path):
+    (tmp_path / "broken.json").write_text('[{"id": "a"')
+    with pytest.raises(Exception, match="broken.json is not valid JSON"):
+        read(SourceConfig(format="llava", path=str(tmp_path / "broken.json"))).take_all()
+
+
+def test_captions_in_jsonl_csv_and_parquet_with_paths_or_bytes(ray_cluster, tmp_path):
+    (tmp_path / "c.jsonl").write_text(
+        json.dumps({"image": "p/1.jpg", "caption": " a dog "}) + "\n" + json.dumps({"image": "p/2.jpg"}) + "\n"
+    )
+    with open(tmp_path / "c.csv", "w", newline="") as file:
+        writer = csv.DictWriter(file, fieldnames=["id", "file_name", "text"])
+        writer.writeheader()
+        writer.writerow({"id": "csv1", "file_name": "q.png", "text": "a bird"})
+    pq.write_table(
+        pa.table({"id": ["pq1"], "image_bytes": [b"\x89PNG..."], "caption": ["a fish"]}), tmp_path / "c.parquet"
+    )
+
+    jsonl = list(
+        read(SourceConfig(format="captions", path=str(tmp_path / "c.jsonl"), image_root="s3://b/imgs")).take_all()
+    )
+    good = next(row for row in jsonl if not row["error"])
+    assert good["task"] == "caption" and good["images"] == ["s3://b/imgs/p/1.jpg"]
+    assert decode_messages(good["messages"]) == [
+        {"role": "user", "content": IMAGE_PLACEHOLDER},
+        {"role": "assistant", "content": "a dog"},
+    ]
+    assert [row["error"] for row in jsonl if row["error"]] == ["malformed_record"]
+
+    csv_row = _rows(SourceConfig(format="captions", path=str(tmp_path / "c.csv")))["csv1"]
+    assert csv_row["images"] == [str(tmp_path / "q.png")]
+    parquet_row = _rows(SourceConfig(format="captions", path=str(tmp_path / "c.parquet")))["pq1"]
+    assert parquet_row["images"] == [] and parquet_row["image_bytes"] == [b"\x89PNG..."]
+
+
+def _tar(path, members):
+    with tarfile.open(path, "w") as archive:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_shards_with_captions_and_conversations(ray_cluster, tmp_path):
+    conversation = {
+        "id": "conv",
+        "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "This."}],
+    }
+    _tar(
+        tmp_path / "shard-000000.tar",
+        [
+            ("s1.jpg", b"jpegbytes"),
+            ("s1.txt", b"a red ball"),
+            ("s2.png", b"pngbytes"),
+            ("s2.json", json.dumps(conversation).encode()),
+            ("s3.txt", b"caption without an image"),
+            ("s4.jpg", b"x"),
+            ("s4.json", b"{broken"),
+        ],
+    )
+    rows = list(read(SourceConfig(format="webdataset", path=str(tmp_path))).take_all())
+    by_id = {row["id"]: row for row in rows}
+    assert by_id["s1"]["task"] == "caption" and by_id["s1"]["image_bytes"] == [b"jpegbytes"]
+    assert by_id["conv"]["task"] == "chat" and by_id["conv"]["image_bytes"] == [b"pngbytes"]
+    assert decode_messages(by_id["conv"]["messages"])[0]["content"] == f"{IMAGE_PLACEHOLDER}\nWhat?"
+    assert sorted(row["error"] for row in rows if row["error"]) == ["malformed_record", "malformed_record"]
+
+
+def test_unknown_format_is_a_config_error():
+    from owl2.config import ConfigError
+
+    with pytest.raises(ConfigError, match="format 'coco' must be one of"):
+        SourceConfig(format="coco", path="x")
