@@ -1,5 +1,4 @@
 import json
-import random
 from pathlib import Path
 
 import pytest
@@ -41,43 +40,9 @@ RELEASED_TOKENIZER_CONFIG = {
 }  # fmt: skip
 
 
-def _corpus(n: int = 400) -> list[str]:
-    rng = random.Random(0)
-    subjects = ["the cat", "a small dog", "my neighbour", "the red car", "an old man", "two birds", "a young girl"]
-    verbs = ["sees", "likes", "paints", "carries", "finds", "watches", "describes"]
-    objects = ["the picture", "a blue ball", "the river", "three apples", "the window", "an image of a house"]
-    endings = ["today.", "in the morning!", "near the park?", "with 42 friends.", "because it is sunny.", ""]
-    lines = [
-        f"{rng.choice(subjects).capitalize()} {rng.choice(verbs)} {rng.choice(objects)} {rng.choice(endings)}".strip()
-        for _ in range(n)
-    ]
-    return lines + ["USER: What is this? ASSISTANT: This is a photo."] * 20
-
-
 @pytest.fixture(scope="session")
-def sp_model_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A tiny SentencePiece BPE model trained with LLaMA's settings."""
-    folder = tmp_path_factory.mktemp("spm")
-    corpus = folder / "corpus.txt"
-    corpus.write_text("\n".join(_corpus()), encoding="utf-8")
-    spm.SentencePieceTrainer.train(
-        input=str(corpus),
-        model_prefix=str(folder / "tokenizer"),
-        model_type="bpe",
-        vocab_size=400,  # 256 byte pieces + 3 specials + ~140 learned pieces
-        unk_id=0,
-        bos_id=1,
-        eos_id=2,
-        pad_id=-1,
-        byte_fallback=True,
-        split_digits=True,
-        add_dummy_prefix=True,
-        remove_extra_whitespaces=False,
-        normalization_rule_name="identity",
-        character_coverage=1.0,
-        minloglevel=2,
-    )
-    return folder / "tokenizer.model"
+def sp_model_file(spm_tokenizer_dir: Path) -> Path:
+    return spm_tokenizer_dir / "tokenizer.model"
 
 
 @pytest.fixture(scope="session")
