@@ -63,6 +63,18 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     build.add_argument("--dtype", choices=sorted(DTYPES), help="parameter dtype, e.g. bfloat16")
     build.set_defaults(handler=_model_build)
+
+    data = commands.add_parser("data", help="prepare datasets")
+    data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
+    synth = data_commands.add_parser(
+        "synth", help="generate the synthetic shapes world: images, captions, VQA, text task, tokenizer"
+    )
+    synth.add_argument("--out", required=True, help="folder to write (missing, empty or an earlier world)")
+    synth.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes identical files")
+    synth.add_argument("--train", type=int, default=2000, help="training images (default 2000)")
+    synth.add_argument("--heldout", type=int, default=200, help="held-out images (default 200)")
+    synth.add_argument("--image-size", type=int, default=112, help="image side in pixels (default 112)")
+    synth.set_defaults(handler=_data_synth)
     return parser
 
 
@@ -96,6 +108,26 @@ def _model_build(args: argparse.Namespace) -> int:
     model.save_pretrained(args.out)
     new = len(model.load_report.missing)
     print(f"wrote {args.out}: decoder from {args.llama}, vision from {args.clip}, {new} new abstractor tensors")
+    return 0
+
+
+def _data_synth(args: argparse.Namespace) -> int:
+    import time
+
+    from owl2.data.synth import generate_world
+
+    start = time.perf_counter()
+    try:
+        world = generate_world(args.out, args.seed, args.train, args.heldout, args.image_size)
+    except FileExistsError as error:
+        raise ConfigError(f"--out: {error}") from error
+    counts = world["counts"]
+    print(
+        f"wrote {args.out}: {counts['train']['images']} train + {counts['heldout']['images']} held-out images, "
+        f"{counts['train']['llava_records']} + {counts['heldout']['llava_records']} LLaVA records, "
+        f"tokenizer of {world['tokenizer']['vocab_size']} pieces (seed {world['seed']}, "
+        f"{time.perf_counter() - start:.1f} s)"
+    )
     return 0
 
 

@@ -1,0 +1,1 @@
+"""Data: the sample format, readers, preprocessing and the synthetic shapes world."""
