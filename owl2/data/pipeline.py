@@ -1,0 +1,295 @@
+"""The Ray Data pipeline: samples -> deterministic order -> tokens (actor pool) -> pixels (tasks) -> batches.
+
+::
+
+    read (per source) -> repeat by weight -> shard by rank -> resume filter -> sort by order key
+        -> Tokenize (actors: one tokenizer each)  -> LoadImages (tasks) -> iter_torch_batches(Collator)
+
+Order: every sample copy gets a 63-bit key hashed from ``(seed, epoch, origin, copy)``; an epoch is the
+samples sorted by that key, so the order depends on nothing but the seed, the epoch and the data. A
+worker takes the keys with ``key % world_size == rank``. The position in an epoch is the last key
+consumed: a restarted run filters ``key > last_key`` and so neither repeats nor skips a sample.
+
+Bad records flow through as rows with ``error`` set (never raised one by one) and are counted by the
+collate function, which drops them from the batch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray.data
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from owl2.config import IGNORE_INDEX, DataConfig, SourceConfig
+from owl2.data import images as image_ops
+from owl2.data.readers import read
+from owl2.data.sample import SkipStats, decode_messages
+
+ORDER_KEY = "order_key"
+# Columns that leave the pipeline for the training loop.
+ENCODED_COLUMNS = ("id", "source", ORDER_KEY, "input_ids", "labels", "pixels", "num_images", "error", "detail")
+
+
+def order_key(seed: int, epoch: int, origin: str, copy: int) -> int:
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{copy}:{origin}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") >> 1  # non-negative int64
+
+
+@dataclass(frozen=True)
+class Position:
+    """Where a worker is in the data: the epoch and the order key of the last sample it consumed."""
+
+    epoch: int = 0
+    last_key: int = -1
+
+
+def samples(
+    config: DataConfig,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    after_key: int = -1,
+) -> ray.data.Dataset:
+    """The raw samples one worker sees in ``epoch``, in order, starting after ``after_key``."""
+    if not config.sources:
+        raise ValueError("data.sources is empty: name at least one dataset")
+    parts = [_weighted(read(source), source, config.seed, epoch) for source in config.sources]
+    dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
+    if world_size > 1 or after_key >= 0:
+        # numpy, not a Ray expression: expressions evaluate in float64 and the keys use 63 bits.
+        def keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            keys = batch[ORDER_KEY]
+            chosen = (keys % world_size == rank) & (keys > after_key)
+            return {name: column[chosen] for name, column in batch.items()}
+
+        dataset = dataset.map_batches(keep, batch_format="numpy")
+    return dataset.sort(ORDER_KEY)
+
+
+def _weighted(dataset: ray.data.Dataset, source: SourceConfig, seed: int, epoch: int) -> ray.data.Dataset:
+    whole, fraction = int(math.floor(source.weight)), source.weight % 1.0
+
+    def copies(row: dict[str, Any]) -> list[dict[str, Any]]:
+        count = whole
+        if fraction:
+            # A deterministic, epoch-dependent coin decides the fractional copy.
+            count += order_key(seed, epoch, row["origin"], -1) / 2**63 < fraction
+        return [{**row, ORDER_KEY: order_key(seed, epoch, row["origin"], copy)} for copy in range(count)]
+
+    return dataset.flat_map(copies)
+
+
+class Tokenize:
+    """Ray Data actor: conversation -> ``input_ids`` with ``-200`` per image and masked ``labels``.
+
+    Each actor loads the tokenizer once. Also validates what tokenising reveals: no assistant turn,
+    placeholder/image count mismatch, too long even after image-aware truncation.
+    """
+
+    def __init__(self, tokenizer_dir: str, template: str, max_length: int, tokens_per_image: int) -> None:
+        from owl2.model.tokenizer import load_tokenizer
+
+        self.tokenizer = load_tokenizer(tokenizer_dir)
+        self.template = template
+        self.max_length = max_length
+        self.tokens_per_image = tokens_per_image
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from owl2.config import IMAGE_PLACEHOLDER
+        from owl2.data.templates import Skip, encode_conversation
+
+        size = len(batch["id"])
+        input_ids, labels, num_images = [], [], np.zeros(size, dtype=np.int64)
+        errors, details = list(batch["error"]), list(batch["detail"])
+        for i in range(size):
+            ids, targets = np.zeros(0, np.int64), np.zeros(0, np.int64)
+            if not errors[i]:
+                messages = decode_messages(batch["messages"][i])
+                placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+                available = len(batch["images"][i]) + len(batch["image_bytes"][i])
+                if placeholders != available:
+                    errors[i] = "image_count_mismatch"
+                    details[i] = f"{batch['id'][i]}: {placeholders} placeholders but {available} images"
+                else:
+                    template = "plain" if batch["task"][i] == "caption" else self.template
+                    encoded = encode_conversation(
+                        messages,
+                        template,
+                        self.tokenizer,
+                        max_length=self.max_length,
+                        tokens_per_image=self.tokens_per_image,
+                    )
+                    if isinstance(encoded, Skip):
+                        errors[i], details[i] = encoded.reason, f"{batch['id'][i]}: {encoded.detail}"
+                    else:
+                        ids = np.asarray(encoded.input_ids, dtype=np.int64)
+                        targets = np.asarray(encoded.labels, dtype=np.int64)
+                        num_images[i] = encoded.num_images
+            input_ids.append(ids)
+            labels.append(targets)
+        return {
+            **{name: batch[name] for name in ("id", "source", ORDER_KEY)},
+            # Plain lists: Arrow cannot type a mix of empty float arrays and string arrays.
+            "images": _ragged([list(paths) for paths in batch["images"]]),
+            "image_bytes": _ragged([list(data) for data in batch["image_bytes"]]),
+            "input_ids": _ragged(input_ids),
+            "labels": _ragged(labels),
+            "num_images": num_images,
+            "error": np.asarray(errors, dtype=object),
+            "detail": np.asarray(details, dtype=object),
+        }
+
+
+def load_images(batch: dict[str, np.ndarray], image_size: int, resize: str, max_pixels: int) -> dict[str, Any]:
+    """Ray Data task: decode the kept images of each sample into ``pixels`` (``uint8 [n, 3, S, S]`` bytes)."""
+    size = len(batch["id"])
+    pixels, errors, details = [], list(batch["error"]), list(batch["detail"])
+    for i in range(size):
+        arrays = []
+        if not errors[i]:
+            sources = [*batch["image_bytes"][i], *batch["images"][i]][: int(batch["num_images"][i])]
+            try:
+                for index, item in enumerate(sources):
+                    name = item if isinstance(item, str) else f"{batch['id'][i]} image {index}"
+                    data = image_ops.read_bytes(item) if isinstance(item, str) else bytes(item)
+                    image = image_ops.decode(data, max_pixels, name)
+                    arrays.append(image_ops.resize(image, image_size, resize))
+            except image_ops.BadImage as error:
+                errors[i], details[i], arrays = error.reason, str(error), []
+        pixels.append(np.stack(arrays).tobytes() if arrays else b"")
+    return {
+        **{name: batch[name] for name in ("id", "source", ORDER_KEY, "input_ids", "labels", "num_images")},
+        "pixels": np.asarray(pixels, dtype=object),
+        "error": np.asarray(errors, dtype=object),
+        "detail": np.asarray(details, dtype=object),
+    }
+
+
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(arrays), dtype=object)
+    out[:] = arrays
+    return out
+
+
+def encoded(
+    config: DataConfig,
+    tokens_per_image: int,
+    epoch: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    after_key: int = -1,
+) -> ray.data.Dataset:
+    """Model-ready rows for one worker: tokens, labels and decoded pixels, in the epoch's order."""
+    if not config.tokenizer:
+        raise ValueError("data.tokenizer is empty: point it at a folder holding tokenizer.model")
+    ray.data.DataContext.get_current().execution_options.preserve_order = True
+    dataset = samples(config, epoch, rank, world_size, after_key)
+    dataset = dataset.map_batches(
+        Tokenize,
+        fn_constructor_args=(config.tokenizer, config.template, config.max_length, tokens_per_image),
+        batch_size=64,
+        batch_format="numpy",
+        # Fractional CPUs: actors holding every CPU would starve the read tasks (ray_notes.md).
+        compute=ray.data.ActorPoolStrategy(size=config.tokenizer_actors),
+        num_cpus=0.5,
+    )
+    return dataset.map_batches(
+        load_images,
+        fn_kwargs={"image_size": config.image_size, "resize": config.resize, "max_pixels": config.max_image_pixels},
+        batch_size=16,
+        batch_format="numpy",
+    )
+
+
+@dataclass
+class Batch:
+    """A padded training batch (right padding), plus what the model needs to route without device syncs."""
+
+    input_ids: torch.Tensor  # [B, L] long
+    attention_mask: torch.Tensor  # [B, L] long
+    labels: torch.Tensor  # [B, L] long, -100 ignored
+    images: torch.Tensor  # [N, 3, S, S] uint8, batch order then placeholder order
+    image_counts: list[int]  # images per row, on the host
+    ids: list[str]
+    last_key: int  # order key of the last row (good or bad) of this batch: the resume position
+    skips: SkipStats = field(default_factory=SkipStats)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        """Model keyword arguments on ``device``; pixels are normalised there."""
+        return {
+            "input_ids": self.input_ids.to(device, non_blocking=True),
+            "attention_mask": self.attention_mask.to(device, non_blocking=True),
+            "labels": self.labels.to(device, non_blocking=True),
+            "images": image_ops.normalize(self.images.to(device, non_blocking=True), dtype)
+            if len(self.images)
+            else None,
+            "image_counts": self.image_counts,
+        }
+
+
+class Collator(NumpyBatchCollateFn):
+    """``collate_fn`` for ``iter_torch_batches``: drops and counts bad rows, pads to the longest row."""
+
+    def __init__(self, pad_token_id: int, image_size: int) -> None:
+        self.pad_token_id = pad_token_id
+        self.image_size = image_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Batch:
+        skips = SkipStats()
+        good = []
+        for i, error in enumerate(batch["error"]):
+            skips.add(error, str(batch["detail"][i]) if error else "")
+            if not error:
+                good.append(i)
+        length = max((len(batch["input_ids"][i]) for i in good), default=0)
+        input_ids = torch.full((len(good), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(good), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(good), length), dtype=torch.long)
+        pixels, counts = [], []
+        for row, i in enumerate(good):
+            n = len(batch["input_ids"][i])
+            input_ids[row, :n] = torch.from_numpy(np.array(batch["input_ids"][i], dtype=np.int64))
+            labels[row, :n] = torch.from_numpy(np.array(batch["labels"][i], dtype=np.int64))
+            attention_mask[row, :n] = 1
+            count = int(batch["num_images"][i])
+            counts.append(count)
+            if count:
+                shape = (count, 3, self.image_size, self.image_size)
+                pixels.append(torch.frombuffer(bytearray(batch["pixels"][i]), dtype=torch.uint8).view(shape))
+        images = (
+            torch.cat(pixels) if pixels else torch.zeros((0, 3, self.image_size, self.image_size), dtype=torch.uint8)
+        )
+        return Batch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            images=images,
+            image_counts=counts,
+            ids=[str(batch["id"][i]) for i in good],
+            last_key=int(batch[ORDER_KEY][-1]) if len(batch[ORDER_KEY]) else -1,
+            skips=skips,
+        )
+
+
+def iterate(
+    dataset: ray.data.Dataset, collator: Collator, batch_size: int, stats: SkipStats, prefetch_batches: int = 2
+) -> Iterator[Batch]:
+    """Batches of good rows; bad rows are counted into ``stats``, which stops the run past its limit.
+
+    Works on a ``Dataset`` or on the ``DataIterator`` Ray Train hands each worker.
+    """
+    # Ray runs the collate function in its prefetch thread, off the training loop's critical path.
+    for batch in dataset.iter_torch_batches(
+        batch_size=batch_size, collate_fn=collator, prefetch_batches=prefetch_batches
+    ):
+        stats.merge(batch.skips)
+        stats.check()
+        if batch.ids:
+            yield batch
