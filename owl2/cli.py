@@ -10,7 +10,7 @@ import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
 
-from owl2.config import ConfigError, ModelConfig, to_dict
+from owl2.config import DATA_FORMATS, RESIZE_MODES, TEMPLATE_NAMES, ConfigError, DataConfig, ModelConfig, build, to_dict
 
 # Exit code for a bad command line or configuration, as argparse uses for usage errors.
 USAGE_ERROR = 2
@@ -75,6 +75,20 @@ def _build_parser() -> argparse.ArgumentParser:
     synth.add_argument("--heldout", type=int, default=200, help="held-out images (default 200)")
     synth.add_argument("--image-size", type=int, default=112, help="image side in pixels (default 112)")
     synth.set_defaults(handler=_data_synth)
+
+    stats = data_commands.add_parser(
+        "stats", help="run a dataset through the training pipeline and print a JSON summary (counts, skips, lengths)"
+    )
+    stats.add_argument("--format", required=True, choices=DATA_FORMATS, help="data format")
+    stats.add_argument("--path", required=True, nargs="+", help="data file(s) or folder(s), local or URI")
+    stats.add_argument("--image-root", help="folder that relative image paths are under (default: beside the file)")
+    stats.add_argument("--tokenizer", required=True, help="folder with tokenizer.model (e.g. the checkpoint folder)")
+    stats.add_argument("--template", default="vicuna_v1", choices=TEMPLATE_NAMES, help="chat template")
+    stats.add_argument("--max-length", type=int, default=2048, help="sequence limit in decoder tokens")
+    stats.add_argument("--image-size", type=int, default=448, help="training resolution")
+    stats.add_argument("--resize", default="stretch", choices=RESIZE_MODES, help="how images become square")
+    stats.add_argument("--preset", default="owl2-7b", help="model preset giving the tokens per image (owl2-7b: 65)")
+    stats.set_defaults(handler=_data_stats)
     return parser
 
 
@@ -128,6 +142,33 @@ def _data_synth(args: argparse.Namespace) -> int:
         f"tokenizer of {world['tokenizer']['vocab_size']} pieces (seed {world['seed']}, "
         f"{time.perf_counter() - start:.1f} s)"
     )
+    return 0
+
+
+def _data_stats(args: argparse.Namespace) -> int:
+    import json
+
+    from owl2.data.stats import dataset_stats
+    from owl2.runtime import ensure_ray
+
+    source = {"format": args.format, "path": args.path[0] if len(args.path) == 1 else args.path}
+    if args.image_root:
+        source["image_root"] = args.image_root
+    config = build(
+        DataConfig,
+        {
+            "sources": [source],
+            "tokenizer": args.tokenizer,
+            "template": args.template,
+            "max_length": args.max_length,
+            "image_size": args.image_size,
+            "resize": args.resize,
+        },
+        "data",
+    )
+    tokens_per_image = ModelConfig.from_preset(args.preset).tokens_per_image
+    ensure_ray()
+    print(json.dumps(dataset_stats(config, tokens_per_image), indent=2))
     return 0
 
 

@@ -1,0 +1,31 @@
+"""Starting Ray the same way everywhere owl2 starts it: local by default, quiet, authenticated."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+
+def ensure_ray(address: str | None = None, quiet: bool = True, **init_kwargs: Any) -> None:
+    """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local Ray; no-op when already connected.
+
+    Ray's token authentication stays on (Ray 2.60's default), and the dashboard is only started when asked
+    for, on 127.0.0.1. ``quiet`` keeps Ray's progress bars and INFO logs out of the user's terminal.
+    """
+    import ray
+    import ray.data
+
+    if not ray.is_initialized():
+        init_kwargs.setdefault("include_dashboard", False)
+        init_kwargs.setdefault("dashboard_host", "127.0.0.1")
+        if quiet:
+            init_kwargs.setdefault("log_to_driver", False)
+            init_kwargs.setdefault("configure_logging", False)
+        ray.init(address=address or os.environ.get("RAY_ADDRESS"), **init_kwargs)
+    if quiet:
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        for name in ("ray", "ray.data", "ray.train", "ray.tune"):
+            logging.getLogger(name).setLevel(logging.WARNING)
