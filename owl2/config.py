@@ -321,6 +321,209 @@ class DataConfig:
         _check(not duplicates, f"data.sources have duplicate names {duplicates}: give each a distinct 'name'")
 
 
+TRAINABLE_PARTS = ("all", "vision", "abstractor", "decoder", "decoder.visual", "lm_head")
+PRECISIONS = ("auto", "bf16", "fp32")
+STRATEGIES = ("ddp", "fsdp")
+
+
+@dataclasses.dataclass
+class OptimConfig:
+    """AdamW with warm-up then cosine decay; layer-wise LR decay over the vision encoder."""
+
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.0
+    """The cosine ends at ``lr * min_lr_ratio``."""
+    warmup_steps: int = 1000
+    weight_decay: float = 0.05
+    betas: list[float] = dataclasses.field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    layer_decay: float = 0.9
+    """Vision block i of n gets ``lr * layer_decay ** (n + 1 - layer_id)``; 1.0 turns the decay off."""
+    vision_lr_scale: float = 1.0
+    abstractor_lr_scale: float = 1.0
+    decoder_lr_scale: float = 1.0
+    grad_clip: float = 1.0
+    """Clip the global gradient norm (0 = no clipping)."""
+
+    def __post_init__(self) -> None:
+        _check(self.lr > 0, f"optim.lr must be positive, got {self.lr}")
+        _check(0 <= self.min_lr_ratio <= 1, f"optim.min_lr_ratio must lie in [0, 1], got {self.min_lr_ratio}")
+        _check(self.warmup_steps >= 0, f"optim.warmup_steps must be >= 0, got {self.warmup_steps}")
+        _check(self.weight_decay >= 0, f"optim.weight_decay must be >= 0, got {self.weight_decay}")
+        _check(
+            len(self.betas) == 2 and all(0 <= b < 1 for b in self.betas),
+            f"optim.betas must be two numbers in [0, 1), got {self.betas}",
+        )
+        _check(0 < self.layer_decay <= 1, f"optim.layer_decay must lie in (0, 1], got {self.layer_decay}")
+        for name in ("vision_lr_scale", "abstractor_lr_scale", "decoder_lr_scale"):
+            _check(getattr(self, name) > 0, f"optim.{name} must be positive, got {getattr(self, name)}")
+        _check(self.grad_clip >= 0, f"optim.grad_clip must be >= 0, got {self.grad_clip}")
+
+
+@dataclasses.dataclass
+class StageConfig:
+    """One training stage: what trains, on which data, at which resolution, for how long."""
+
+    trainable: list[str] = dataclasses.field(default_factory=lambda: ["all"])
+    """Parts that train: ``all``, or any of ``vision``, ``abstractor``, ``decoder`` (embeddings and all
+    layers), ``decoder.visual`` (the visual copies of the modality-adaptive norms and K/V), ``lm_head``."""
+    image_size: int = 448
+    """Resolution of this stage; the position embeddings are resampled when it differs from the model's."""
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    max_steps: int = 1000
+    """Optimizer steps of this stage."""
+    global_batch_size: int = 256
+    """Samples per optimizer step over all workers, reached by gradient accumulation."""
+    micro_batch_size: int = 8
+    """Samples per forward pass on one worker."""
+    optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
+    precision: str = "auto"
+    """``auto``: bf16 autocast on GPU, fp32 on CPU."""
+    strategy: str = "ddp"
+    """``ddp`` or ``fsdp`` (FSDP2, GPU only: for the 7B stage 2)."""
+    activation_checkpointing: bool = False
+    checkpoint_every: int = 500
+    """Write (and report) a checkpoint every this many optimizer steps, and at the end."""
+    log_every: int = 10
+    max_nonfinite_steps: int = 10
+    """Steps whose loss is NaN/inf are skipped and counted; this many stop the run."""
+    init_from: str | None = None
+    """Checkpoint folder to start from; by default the previous stage's last checkpoint, or the model
+    section's initial weights for the first stage."""
+
+    def __post_init__(self) -> None:
+        _check(bool(self.trainable), "stage trainable must name at least one part (or 'all')")
+        unknown = [part for part in self.trainable if part not in TRAINABLE_PARTS]
+        _check(not unknown, f"stage trainable has unknown part(s) {unknown}; choose from {list(TRAINABLE_PARTS)}")
+        _check(self.image_size > 0, f"stage image_size must be positive, got {self.image_size}")
+        _check(self.max_steps > 0, f"stage max_steps must be positive, got {self.max_steps}")
+        _check(self.micro_batch_size > 0, f"stage micro_batch_size must be positive, got {self.micro_batch_size}")
+        _check(self.precision in PRECISIONS, f"stage precision {self.precision!r} must be one of {list(PRECISIONS)}")
+        _check(self.strategy in STRATEGIES, f"stage strategy {self.strategy!r} must be one of {list(STRATEGIES)}")
+        _check(self.checkpoint_every > 0, f"stage checkpoint_every must be positive, got {self.checkpoint_every}")
+        _check(self.log_every > 0, f"stage log_every must be positive, got {self.log_every}")
+        _check(self.max_nonfinite_steps >= 0, "stage max_nonfinite_steps must be >= 0")
+
+
+@dataclasses.dataclass
+class ModelInitConfig:
+    """Where the first stage's weights come from (exactly one of the three, or a random preset)."""
+
+    preset: str = "tiny-cpu"
+    """Architecture preset (ignored when ``pretrained`` names a folder, which carries its own)."""
+    overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Architecture overrides, e.g. ``{abstractor: {num_layers: 3}}`` (what sweeps change)."""
+    pretrained: str | None = None
+    """An owl2 or official mPLUG-Owl2 folder (fine-tuning the released model)."""
+    llama: str | None = None
+    """A transformers LLaMA-2 folder, with ``clip``: a fresh model (the paper's stage-1 start)."""
+    clip: str | None = None
+
+    def __post_init__(self) -> None:
+        _check(self.preset in MODEL_PRESETS, f"model.preset {self.preset!r}: choose one of {sorted(MODEL_PRESETS)}")
+        _check(
+            (self.llama is None) == (self.clip is None),
+            "model.llama and model.clip go together: a fresh model needs both LLaMA-2 and CLIP weights",
+        )
+        _check(
+            not (self.pretrained and self.llama),
+            "model.pretrained and model.llama/clip exclude each other: fine-tune a released model or build a fresh one",
+        )
+        if self.overrides:
+            ModelConfig.from_preset(self.preset, self.overrides)
+
+
+@dataclasses.dataclass
+class ResourcesConfig:
+    """Ray Train workers."""
+
+    num_workers: int = 1
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 1.0
+
+    def __post_init__(self) -> None:
+        _check(self.num_workers >= 1, f"resources.num_workers must be >= 1, got {self.num_workers}")
+        _check(self.cpus_per_worker > 0, f"resources.cpus_per_worker must be positive, got {self.cpus_per_worker}")
+
+
+@dataclasses.dataclass
+class TrackingConfig:
+    """MLflow. The ``MLFLOW_TRACKING_URI`` environment variable wins over ``tracking_uri``."""
+
+    tracking_uri: str = ""
+    """Empty: an embedded store on local disk, ``<storage_path>/mlflow.db``."""
+    experiment: str = "owl2"
+
+
+@dataclasses.dataclass
+class ExperimentConfig:
+    """A training pipeline: a model, stages run in order, resources, storage and tracking."""
+
+    name: str = "owl2"
+    """Run name: re-running the same name resumes it (a new experiment needs a new name)."""
+    model: ModelInitConfig = dataclasses.field(default_factory=ModelInitConfig)
+    stages: dict[str, StageConfig] = dataclasses.field(default_factory=dict)
+    resources: ResourcesConfig = dataclasses.field(default_factory=ResourcesConfig)
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+    storage_path: str = "~/owl2_runs"
+    """Where checkpoints (and the default MLflow store) go: a local folder or a URI shared by all nodes."""
+    max_failures: int = 2
+    """Worker-group restarts from the last checkpoint before a stage fails."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, f"name {self.name!r} must be non-empty without '/'")
+        _check(bool(self.stages), "stages is empty: define at least one stage")
+        _check(self.max_failures >= 0, f"max_failures must be >= 0, got {self.max_failures}")
+        spec = ModelConfig.from_preset(self.model.preset, self.model.overrides)
+        workers = self.resources.num_workers
+        for name, stage in self.stages.items():
+            where = f"stages.{name}"
+            per_step = stage.micro_batch_size * workers
+            _check(
+                stage.global_batch_size % per_step == 0,
+                f"{where}.global_batch_size ({stage.global_batch_size}) must be a multiple of micro_batch_size x "
+                f"num_workers ({stage.micro_batch_size} x {workers} = {per_step})",
+            )
+            _check(
+                stage.image_size % spec.vision.patch_size == 0,
+                f"{where}.image_size ({stage.image_size}) must be a multiple of the patch size "
+                f"({spec.vision.patch_size})",
+            )
+            _check(bool(stage.data.sources), f"{where}.data.sources is empty: name at least one dataset")
+            _check(bool(stage.data.tokenizer), f"{where}.data.tokenizer is empty: point it at tokenizer.model's folder")
+            _check(
+                stage.data.image_size == stage.image_size,
+                f"{where}.data.image_size ({stage.data.image_size}) must equal {where}.image_size ({stage.image_size})",
+            )
+            _check(
+                stage.strategy != "fsdp" or self.resources.use_gpu,
+                f"{where}.strategy fsdp needs GPU workers (resources.use_gpu: true)",
+            )
+
+    def gradient_accumulation(self, stage: str) -> int:
+        config = self.stages[stage]
+        return config.global_batch_size // (config.micro_batch_size * self.resources.num_workers)
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """An experiment YAML with ``key=value`` overrides, validated before anything runs.
+
+    A stage given as a string is a YAML file (relative to the experiment file) holding that stage.
+    """
+    path = Path(path)
+    data = load_yaml(path)
+    stages = data.get("stages") or {}
+    if not isinstance(stages, dict):
+        raise ConfigError(f"{path}: stages must be a mapping of stage name to stage (or to a stage YAML file)")
+    data["stages"] = {
+        name: load_yaml(path.parent / stage) if isinstance(stage, str) else stage for name, stage in stages.items()
+    }
+    data = merge(data, parse_overrides(overrides or []))
+    return build(ExperimentConfig, data)
+
+
 def _pick(source: dict[str, Any], where: str, **names: str) -> dict[str, Any]:
     """Rename the official fields to ours; a missing field is an error naming it."""
     missing = [theirs for theirs in names.values() if theirs not in source]
@@ -407,7 +610,12 @@ def _coerce(hint: Any, value: Any, where: str) -> Any:
         (item,) = typing.get_args(hint)[:1] or (Any,)
         items = [_coerce(item, v, f"{where}[{i}]") for i, v in enumerate(value)]
         return items if origin is list else tuple(items)
-    if origin is dict or hint is Any:
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where} must be a mapping, got {value!r}")
+        value_type = (typing.get_args(hint) or (Any, Any))[1]
+        return {key: _coerce(value_type, item, f"{where}.{key}") for key, item in value.items()}
+    if hint is Any:
         return value
     if hint is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
