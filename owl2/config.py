@@ -403,6 +403,10 @@ class StageConfig:
         _check(self.checkpoint_every > 0, f"stage checkpoint_every must be positive, got {self.checkpoint_every}")
         _check(self.log_every > 0, f"stage log_every must be positive, got {self.log_every}")
         _check(self.max_nonfinite_steps >= 0, "stage max_nonfinite_steps must be >= 0")
+        _check(
+            self.optim.warmup_steps <= self.max_steps,
+            f"stage optim.warmup_steps ({self.optim.warmup_steps}) exceeds max_steps ({self.max_steps})",
+        )
 
 
 @dataclasses.dataclass

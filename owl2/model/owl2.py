@@ -432,3 +432,57 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
             # The cache holds the expanded sequence; from now on the mask must describe it.
             model_kwargs["attention_mask"] = outputs.attention_mask
         return super()._update_model_kwargs_for_generation(outputs, model_kwargs, **kwargs)
+
+    # ---------------------------------------------------------------------------------------- optimizer policy
+
+    def no_weight_decay(self) -> set[str]:
+        """Full names of the parameters that AdamW must not decay (timm's hook of the same name).
+
+        Every parameter of a norm (LayerNorm, RMSNorm, both multiway copies) or of an embedding table,
+        every bias, and the learned tokens and positions: the vision ``cls_token`` and ``pos_embed``, the
+        abstractor ``queries`` and ``eos``. Decaying these pulls scales and offsets towards zero, which
+        only hurts (BEiT, MAE and LLaVA all exempt them).
+        """
+        from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+        exempt_types = (nn.LayerNorm, nn.RMSNorm, LlamaRMSNorm, nn.Embedding)
+        names = set()
+        for module_name, module in self.named_modules():
+            for param_name, _ in module.named_parameters(recurse=False):
+                if isinstance(module, exempt_types) or param_name == "bias":
+                    names.add(f"{module_name}.{param_name}" if module_name else param_name)
+        vision_params = {name for name, _ in self.vision.named_parameters()}
+        # timm's list also names tokens this ViT does not have (reg_token, dist_token).
+        names |= {f"vision.{name}" for name in self.vision.no_weight_decay() & vision_params}
+        names |= {"abstractor.queries", "abstractor.eos"}
+        return names
+
+    def param_group_info(self, name: str) -> tuple[str, int, int]:
+        """``(module, layer_id, num_layers)`` of a parameter, for layer-wise LR decay.
+
+        ``module`` is ``vision``, ``abstractor`` or ``decoder`` (which includes ``lm_head``). For the
+        vision encoder the layer ids follow BEiT/EVA: 0 for the embeddings (``cls_token``, ``pos_embed``,
+        ``patch_embed``, ``norm_pre``), ``i + 1`` for block ``i``, ``num_blocks + 1`` for the final
+        ``norm``; ``num_layers`` is that largest id, ``num_blocks + 1``, so a parameter's LR scale is
+        ``layer_decay ** (num_layers - layer_id)``: 1 for the final norm, ``layer_decay`` for the last
+        block. The abstractor and the decoder are not decayed by depth: ``layer_id = num_layers = 0``.
+
+        Raises ``KeyError`` for a name the policy does not know, so a new parameter cannot silently get
+        some LR.
+        """
+        top, _, rest = name.partition(".")
+        if top in ("decoder", "lm_head"):
+            return "decoder", 0, 0
+        if top == "abstractor":
+            return "abstractor", 0, 0
+        if top != "vision":
+            raise KeyError(f"parameter {name!r} belongs to no module of the optimizer policy")
+        last = len(self.vision.blocks) + 1
+        part, _, below = rest.partition(".")
+        if part == "blocks":
+            return "vision", int(below.partition(".")[0]) + 1, last
+        if part == "norm":
+            return "vision", last, last
+        if part in ("cls_token", "pos_embed", "patch_embed", "norm_pre"):
+            return "vision", 0, last
+        raise KeyError(f"vision parameter {name!r} has no layer id (not an embedding, a block or the final norm)")

@@ -1,0 +1,1 @@
+"""Training: stage specs and parameter groups, the train loop, checkpoints and parallelism."""
