@@ -31,6 +31,10 @@ def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="owl2", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    train = commands.add_parser("train", help="run an experiment's training stages on Ray Train")
+    add_train_arguments(train)
+    train.set_defaults(handler=run_train)
+
     model = commands.add_parser("model", help="inspect model configurations")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
     summary = model_commands.add_parser(
@@ -90,6 +94,30 @@ def _build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--preset", default="owl2-7b", help="model preset giving the tokens per image (owl2-7b: 65)")
     stats.set_defaults(handler=_data_stats)
     return parser
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``owl2 train``, shared with ``ray_jobs/train.py``."""
+    parser.add_argument("--config", required=True, help="experiment YAML, e.g. experiments/tiny_cpu/pipeline.yaml")
+    parser.add_argument(
+        "--stage", action="append", help="run only this stage (repeatable); it starts from its init_from checkpoint"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. stages.stage2.optim.lr=1e-4")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from owl2.config import load_experiment
+    from owl2.train.trainer import run_experiment
+
+    experiment = load_experiment(args.config, list(args.overrides))
+    results = run_experiment(experiment, stages=args.stage)
+    for result in results:
+        loss = result.metrics.get("loss")
+        print(
+            f"{result.stage}: step {result.metrics.get('step')}, loss {loss if loss is None else round(loss, 4)}, "
+            f"checkpoint {result.checkpoint.path}"
+        )
+    return 0
 
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}

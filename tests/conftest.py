@@ -11,6 +11,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # Set before anything imports transformers/huggingface_hub, which read these once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# Ray Train's controller polls workers every 2 s by default; tiny test runs would mostly wait.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
 
 if "OMP_NUM_THREADS" not in os.environ:  # an explicit thread count from the caller wins
     # CI machines have 2 cores; more threads than cores slows the tiny models down.

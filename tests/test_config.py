@@ -76,3 +76,11 @@ def test_yaml_file_errors_are_clear(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping at the top level"):
         load_yaml(tmp_path / "list.yaml")
+
+
+def test_exponent_without_a_dot_is_still_a_float():
+    from owl2.config import OptimConfig
+
+    assert build(OptimConfig, {"lr": "3e-3"}).lr == 0.003
+    with pytest.raises(ConfigError, match="optim.lr must be float, got 'fast'"):
+        build(OptimConfig, {"lr": "fast"}, "optim")

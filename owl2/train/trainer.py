@@ -1,0 +1,184 @@
+"""The driver: run an experiment's stages in order as Ray Train ``TorchTrainer`` runs, tracked in MLflow.
+
+::
+
+    parent MLflow run (the experiment)
+      +- child run "stage1"  <- TorchTrainer(name=<experiment>-stage1) -> last checkpoint
+      +- child run "stage2"  <- TorchTrainer(name=<experiment>-stage2), starting from stage 1's checkpoint
+
+Re-running an experiment under the same name resumes it: finished stages return their result at once,
+an interrupted stage continues from its last checkpoint, and the MLflow runs are continued, not
+duplicated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from owl2.config import ConfigError, ExperimentConfig, to_dict
+
+
+@dataclass
+class StageResult:
+    stage: str
+    checkpoint: Any  # ray.train.Checkpoint of the stage's last step
+    metrics: dict[str, Any]
+    run_id: str | None
+
+
+def resolve_paths(experiment: ExperimentConfig, base: Path | None = None) -> ExperimentConfig:
+    """Make every local path absolute (workers and Tune trials run in other directories); URIs stay."""
+    base = base or Path.cwd()
+
+    def absolute(path: str | None) -> str | None:
+        if not path or "://" in path:
+            return path
+        return str((base / Path(path).expanduser()).resolve())
+
+    experiment.storage_path = absolute(experiment.storage_path)
+    for field in ("pretrained", "llama", "clip"):
+        setattr(experiment.model, field, absolute(getattr(experiment.model, field)))
+    for stage in experiment.stages.values():
+        stage.init_from = absolute(stage.init_from)
+        stage.data.tokenizer = absolute(stage.data.tokenizer)
+        for source in stage.data.sources:
+            source.path = [absolute(p) for p in source.path] if isinstance(source.path, list) else absolute(source.path)
+            source.image_root = absolute(source.image_root)
+    return experiment
+
+
+def check_tokenizers(experiment: ExperimentConfig) -> None:
+    """The model's vocabulary must cover every stage's tokenizer: checked before any worker starts."""
+    from owl2.config import ModelConfig
+    from owl2.model.tokenizer import load_tokenizer
+
+    if experiment.model.pretrained:
+        return  # the released folder carries its own tokenizer and vocabulary
+    vocab = ModelConfig.from_preset(experiment.model.preset, experiment.model.overrides).decoder.vocab_size
+    for name, stage in experiment.stages.items():
+        size = len(load_tokenizer(stage.data.tokenizer))
+        if size > vocab:
+            raise ConfigError(
+                f"stages.{name}.data.tokenizer has {size} tokens but the model's vocabulary has {vocab}: set "
+                f"model.overrides.decoder.vocab_size >= {size} or use the model's own tokenizer"
+            )
+
+
+def run_experiment(
+    experiment: ExperimentConfig, stages: list[str] | None = None, **loop_extras: Any
+) -> list[StageResult]:
+    """Run ``stages`` (default: all, in order); each starts from the previous stage's last checkpoint."""
+    from owl2.runtime import ensure_ray
+    from owl2.tracking import Tracker, resolve_tracking_uri, run_tags
+    from owl2.train.progress import ProgressPrinter
+
+    experiment = resolve_paths(experiment)
+    unknown = [name for name in stages or [] if name not in experiment.stages]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}; the experiment defines {list(experiment.stages)}")
+    check_tokenizers(experiment)
+    ensure_ray()
+
+    config_yaml = yaml.safe_dump(to_dict(experiment), sort_keys=False)
+    tracking_uri = resolve_tracking_uri(experiment.tracking, experiment.storage_path)
+    tracker = Tracker(tracking_uri)
+    parent = tracker.start_run(
+        experiment.name, experiment.tracking.experiment, tags=run_tags(None, config_yaml, None), resume=True
+    )
+    tracker.log_params(parent, to_dict(experiment))
+    tracker.log_text(parent, config_yaml, "experiment.yaml")
+
+    results: list[StageResult] = []
+    previous = None
+    try:
+        with ProgressPrinter() as progress:
+            for name, stage in experiment.stages.items():
+                if stages and name not in stages:
+                    continue
+                init_from = stage.init_from or (previous.checkpoint.path if previous else None)
+                result = run_stage(
+                    experiment, name, tracker, parent, config_yaml, init_from, progress=progress.queue, **loop_extras
+                )
+                results.append(result)
+                previous = result
+    except BaseException:
+        tracker.end_run(parent, "FAILED")
+        raise
+    tracker.end_run(parent, "FINISHED")
+    return results
+
+
+def run_stage(
+    experiment: ExperimentConfig,
+    name: str,
+    tracker: Any,
+    parent_run_id: str,
+    config_yaml: str,
+    init_from: str | None,
+    **loop_extras: Any,
+) -> StageResult:
+    """One stage as a ``TorchTrainer`` run named ``<experiment>-<stage>`` (re-running it resumes it)."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from owl2.tracking import data_fingerprint, run_tags
+    from owl2.train.loop import train_stage
+
+    stage = experiment.stages[name]
+    run_id = tracker.start_run(
+        name,
+        experiment.tracking.experiment,
+        parent_run_id=parent_run_id,
+        tags=run_tags(name, config_yaml, data_fingerprint(stage.data.sources)),
+        resume=True,
+    )
+    tracker.log_params(
+        run_id,
+        {
+            "stage": to_dict(stage),
+            "model": to_dict(experiment.model),
+            "resources": to_dict(experiment.resources),
+            "init_from": init_from or "",
+        },
+    )
+    resources = experiment.resources
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.use_gpu:
+        per_worker["GPU"] = resources.gpus_per_worker
+    trainer = TorchTrainer(
+        train_stage,
+        train_loop_config={
+            "experiment": to_dict(experiment),
+            "experiment_yaml": config_yaml,
+            "stage": name,
+            "init_from": ray.train.Checkpoint(init_from) if init_from else None,
+            "tracking_uri": tracker.tracking_uri,
+            "run_id": run_id,
+            "max_steps": stage.max_steps,
+            "global_batch_size": stage.global_batch_size,
+            **loop_extras,
+        },
+        scaling_config=ray.train.ScalingConfig(  # Ray
+            num_workers=resources.num_workers, use_gpu=resources.use_gpu, resources_per_worker=per_worker
+        ),
+        run_config=ray.train.RunConfig(  # Ray
+            name=f"{experiment.name}-{name}",
+            storage_path=experiment.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            failure_config=ray.train.FailureConfig(max_failures=experiment.max_failures),
+        ),
+    )
+    try:
+        result = trainer.fit()  # Ray
+    except BaseException:
+        tracker.end_run(run_id, "FAILED")
+        raise
+    if result.checkpoint is None:
+        raise RuntimeError(f"stage {name} finished without a checkpoint")
+    tracker.set_tags(run_id, {"owl2.checkpoint": result.checkpoint.path})
+    tracker.end_run(run_id, "FINISHED")
+    return StageResult(name, result.checkpoint, dict(result.metrics or {}), run_id)

@@ -1,0 +1,135 @@
+"""Two-stage training on a local Ray cluster: loss falls, resume is exact, a killed worker recovers,
+stage 2 starts from stage 1 at the higher resolution, and MLflow holds every run."""
+
+import json
+from pathlib import Path
+
+import mlflow
+import pytest
+import ray.train
+import torch
+from safetensors.torch import load_file
+
+from owl2.config import load_experiment
+from owl2.data.synth import generate_world
+from owl2.model.vision import resample_position_embedding
+from owl2.train.trainer import run_experiment
+
+PIPELINE = Path(__file__).resolve().parents[1] / "experiments" / "tiny_cpu" / "pipeline.yaml"
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    generate_world(root / "data" / "shapes_world", seed=0, num_train=60, num_heldout=8)
+    return root
+
+
+def _experiment(world, name, *overrides):
+    """The shipped tiny-cpu pipeline, shortened; its relative data paths resolve against ``world``."""
+    short = [
+        f"name={name}",
+        f"storage_path={world / 'runs'}",
+        "stages.stage1.max_steps=4",
+        "stages.stage1.checkpoint_every=2",
+        "stages.stage1.log_every=1",
+        "stages.stage1.optim.warmup_steps=1",
+        "stages.stage2.max_steps=2",
+        "stages.stage2.checkpoint_every=2",
+        "stages.stage2.log_every=1",
+        "stages.stage2.optim.warmup_steps=1",
+        "resources.num_workers=1",
+        "resources.cpus_per_worker=0.5",
+    ]
+    experiment = load_experiment(PIPELINE, short + list(overrides))
+    from owl2.train.trainer import resolve_paths
+
+    return resolve_paths(experiment, base=world)
+
+
+def _state(result):
+    return json.loads((Path(result.checkpoint.path) / "state.json").read_text())
+
+
+def _weights(result):
+    return load_file(Path(result.checkpoint.path) / "model.safetensors")
+
+
+def test_two_stage_pipeline_tracks_both_stages_and_raises_resolution(ray_cluster, world):
+    results = run_experiment(_experiment(world, "pipeline"))
+    assert [r.stage for r in results] == ["stage1", "stage2"]
+    assert [_state(r)["step"] for r in results] == [4, 2]
+
+    # Stage 2 starts from stage 1's last checkpoint, its positions resampled from 4x4 to 8x8 patches.
+    stage1, stage2 = _weights(results[0]), _weights(results[1])
+    assert stage1["vision.pos_embed"].shape == (1, 17, 64) and stage2["vision.pos_embed"].shape == (1, 65, 64)
+    config2 = json.loads((Path(results[1].checkpoint.path) / "config.json").read_text())
+    assert config2["vision"]["image_size"] == 112
+    # Stage 1 froze the text side of the decoder; stage 2 moved it only by its two small steps.
+    key = "decoder.layers.0.mlp.up_proj.weight"
+    assert (stage1[key] - stage2[key]).abs().max() < 0.05
+    expected = resample_position_embedding(stage1["vision.pos_embed"], 8)
+    assert (expected - stage2["vision.pos_embed"]).abs().max() < 0.05
+
+    # MLflow: the parent run and one child per stage, with metrics, params and artifacts.
+    client = mlflow.MlflowClient(results[0].run_id and _tracking_uri(world))
+    experiment = client.get_experiment_by_name("owl2-tiny-cpu")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if r.info.run_name == "pipeline")
+    children = {r.info.run_name: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"stage1", "stage2"} and parent.info.status == "FINISHED"
+    for name, run in children.items():
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["owl2.stage"] == name and run.data.tags["owl2.checkpoint"]
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == list(
+            range(1, {"stage1": 5, "stage2": 3}[name])
+        )
+        assert any(key.startswith("lr/vision.layer_") for key in run.data.metrics)
+        artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+        assert {"param_groups.json", "param_groups.txt"} <= artifacts
+
+
+def _tracking_uri(world):
+    return f"sqlite:///{world / 'runs' / 'mlflow.db'}"
+
+
+def test_two_workers_learn(ray_cluster, world):
+    experiment = _experiment(
+        world,
+        "learn",
+        "resources.num_workers=2",
+        "stages.stage2.max_steps=16",
+        "stages.stage2.checkpoint_every=16",
+        "stages.stage2.optim.lr=3e-3",
+    )
+    result = run_experiment(experiment, stages=["stage2"])[0]
+    client = mlflow.MlflowClient(_tracking_uri(world))
+    losses = [m.value for m in client.get_metric_history(result.run_id, "loss")]
+    assert len(losses) == 16
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 0.5, losses
+    assert len(_state(result)["last_keys"]) == 2  # one data position per worker
+
+
+def test_resume_equals_an_uninterrupted_run(ray_cluster, world, tmp_path):
+    straight = run_experiment(_experiment(world, "straight"), stages=["stage1"])[0]
+
+    crash = {"_crash_once": {"step": 2, "marker": str(tmp_path / "crashed")}}
+    with pytest.raises(ray.train.TrainingFailedError):  # max_failures=0: the crash after step 2 is final
+        run_experiment(_experiment(world, "interrupted", "max_failures=0"), stages=["stage1"], **crash)
+    resumed = run_experiment(_experiment(world, "interrupted"), stages=["stage1"])[0]
+
+    assert _state(resumed)["resumed_at"] == [2] and _state(resumed)["step"] == 4
+    assert _state(resumed)["last_keys"] == _state(straight)["last_keys"]  # same data position
+    ours, reference = _weights(resumed), _weights(straight)
+    for key in reference:
+        torch.testing.assert_close(ours[key], reference[key], atol=1e-6, rtol=1e-5, msg=key)
+
+
+def test_a_killed_worker_restarts_from_its_checkpoint_and_finishes(ray_cluster, world, tmp_path):
+    crash = {"_crash_once": {"step": 2, "marker": str(tmp_path / "killed")}}
+    result = run_experiment(_experiment(world, "killed", "max_failures=1"), stages=["stage1"], **crash)[0]
+    assert (tmp_path / "killed").exists()
+    state = _state(result)
+    assert state["step"] == 4 and state["resumed_at"] == [2]
+    assert result.metrics["step"] == 4
