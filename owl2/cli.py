@@ -35,6 +35,10 @@ def _build_parser() -> argparse.ArgumentParser:
     add_train_arguments(train)
     train.set_defaults(handler=run_train)
 
+    sweep = commands.add_parser("sweep", help="run a Ray Tune sweep whose trials are training runs")
+    add_sweep_arguments(sweep)
+    sweep.set_defaults(handler=run_sweep_command)
+
     model = commands.add_parser("model", help="inspect model configurations")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
     summary = model_commands.add_parser(
@@ -118,6 +122,31 @@ def run_train(args: argparse.Namespace) -> int:
             f"checkpoint {result.checkpoint.path}"
         )
     return 0
+
+
+def job_entrypoint(description: str, add_arguments: Any, run: Any, argv: Sequence[str] | None = None) -> int:
+    """``main`` of a ``ray_jobs/`` script: the CLI command's options and behaviour, as a standalone program."""
+    parser = argparse.ArgumentParser(description=description)
+    add_arguments(parser)
+    try:
+        return run(parser.parse_args(argv))
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return USAGE_ERROR
+
+
+def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``owl2 sweep``, shared with ``ray_jobs/sweep.py``."""
+    parser.add_argument("--config", required=True, help="sweep YAML, e.g. experiments/sweeps/tiny_cpu.yaml")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="sweep overrides, e.g. num_samples=8")
+
+
+def run_sweep_command(args: argparse.Namespace) -> int:
+    from owl2.tune.sweep import load_sweep, run_sweep
+
+    sweep, base = load_sweep(args.config, list(args.overrides))
+    summaries = run_sweep(sweep, base)
+    return 0 if any(summary.status != "ERROR" for summary in summaries) else 1
 
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}

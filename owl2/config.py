@@ -361,6 +361,24 @@ class OptimConfig:
 
 
 @dataclasses.dataclass
+class ValidationConfig:
+    """Held-out loss during a stage: what sweeps rank and stop trials on."""
+
+    data: DataConfig = dataclasses.field(default_factory=DataConfig)
+    every: int = 50
+    """Evaluate every this many optimizer steps (and at the end of the stage)."""
+    max_batches: int = 20
+    """Batches per worker per evaluation (the same held-out samples every time)."""
+    batch_size: int = 8
+
+    def __post_init__(self) -> None:
+        _check(self.every > 0, f"validation.every must be positive, got {self.every}")
+        _check(self.max_batches > 0, f"validation.max_batches must be positive, got {self.max_batches}")
+        _check(self.batch_size > 0, f"validation.batch_size must be positive, got {self.batch_size}")
+        _check(bool(self.data.sources), "validation.data.sources is empty: name the held-out data")
+
+
+@dataclasses.dataclass
 class StageConfig:
     """One training stage: what trains, on which data, at which resolution, for how long."""
 
@@ -390,6 +408,8 @@ class StageConfig:
     init_from: str | None = None
     """Checkpoint folder to start from; by default the previous stage's last checkpoint, or the model
     section's initial weights for the first stage."""
+    validation: ValidationConfig | None = None
+    """Held-out loss (``val_loss``) every ``validation.every`` steps; None: no validation."""
 
     def __post_init__(self) -> None:
         _check(bool(self.trainable), "stage trainable must name at least one part (or 'all')")
@@ -501,6 +521,13 @@ class ExperimentConfig:
                 stage.data.image_size == stage.image_size,
                 f"{where}.data.image_size ({stage.data.image_size}) must equal {where}.image_size ({stage.image_size})",
             )
+            if stage.validation is not None:
+                _check(
+                    stage.validation.data.image_size == stage.image_size,
+                    f"{where}.validation.data.image_size ({stage.validation.data.image_size}) must equal "
+                    f"{where}.image_size ({stage.image_size})",
+                )
+                _check(bool(stage.validation.data.tokenizer), f"{where}.validation.data.tokenizer is empty")
             _check(
                 stage.strategy != "fsdp" or self.resources.use_gpu,
                 f"{where}.strategy fsdp needs GPU workers (resources.use_gpu: true)",
@@ -509,6 +536,79 @@ class ExperimentConfig:
     def gradient_accumulation(self, stage: str) -> int:
         config = self.stages[stage]
         return config.global_batch_size // (config.micro_batch_size * self.resources.num_workers)
+
+
+SEARCH_ALGORITHMS = ("grid", "random", "optuna")
+SCHEDULERS = ("asha", "fifo")
+DISTRIBUTIONS = ("grid", "choice", "uniform", "loguniform", "randint")
+
+
+@dataclasses.dataclass
+class SchedulerConfig:
+    type: str = "asha"
+    """``asha`` stops trials whose metric trails at a rung; ``fifo`` runs every trial to the end."""
+    grace_period: int = 2
+    """Reports (training iterations) a trial gets before it can be stopped."""
+    reduction_factor: int = 2
+    max_t: int = 100
+    """The longest a trial runs, in reports."""
+
+    def __post_init__(self) -> None:
+        _check(self.type in SCHEDULERS, f"scheduler.type {self.type!r} must be one of {list(SCHEDULERS)}")
+        _check(self.grace_period >= 1, f"scheduler.grace_period must be >= 1, got {self.grace_period}")
+        _check(self.reduction_factor >= 2, f"scheduler.reduction_factor must be >= 2, got {self.reduction_factor}")
+        _check(self.max_t >= self.grace_period, "scheduler.max_t must be >= scheduler.grace_period")
+
+
+@dataclasses.dataclass
+class SweepConfig:
+    """A Ray Tune sweep over an experiment's keys; each trial is that experiment's Ray Train run."""
+
+    name: str = "sweep"
+    """Re-running a sweep under the same name resumes it."""
+    experiment: str = ""
+    """The base experiment YAML (relative to the sweep file)."""
+    overrides: list[str] = dataclasses.field(default_factory=list)
+    """``key=value`` changes to the base before sampling (e.g. shorter stages)."""
+    space: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    """Experiment key -> distribution: ``{grid: [..]}``, ``{choice: [..]}``, ``{uniform: [lo, hi]}``,
+    ``{loguniform: [lo, hi]}`` or ``{randint: [lo, hi]}``, e.g. ``model.overrides.abstractor.num_queries``."""
+    search: str = "grid"
+    """``grid``/``random`` (Ray Tune's variant generator) or ``optuna`` (model-based, needs optuna installed)."""
+    num_samples: int = 1
+    """Samples of the space (grid: repetitions of the whole grid)."""
+    metric: str = "val_loss"
+    mode: str = "min"
+    scheduler: SchedulerConfig = dataclasses.field(default_factory=SchedulerConfig)
+    max_concurrent_trials: int = 2
+    trial_max_failures: int = 1
+    """Retries of a crashed trial; the other trials go on either way."""
+    storage_path: str = "runs"
+    tracking: TrackingConfig = dataclasses.field(default_factory=TrackingConfig)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name) and "/" not in self.name, f"sweep name {self.name!r} must be non-empty without '/'")
+        _check(bool(self.experiment), "sweep experiment is empty: name the base experiment YAML")
+        _check(bool(self.space), "sweep space is empty: name at least one key to sweep")
+        _check(
+            self.search in SEARCH_ALGORITHMS, f"sweep search {self.search!r} must be one of {list(SEARCH_ALGORITHMS)}"
+        )
+        _check(self.mode in ("min", "max"), f"sweep mode {self.mode!r} must be 'min' or 'max'")
+        _check(self.num_samples >= 1, f"sweep num_samples must be >= 1, got {self.num_samples}")
+        _check(self.max_concurrent_trials >= 1, "sweep max_concurrent_trials must be >= 1")
+        for key, spec in self.space.items():
+            _check(
+                isinstance(spec, dict) and len(spec) == 1 and next(iter(spec)) in DISTRIBUTIONS,
+                f"space.{key} must be one distribution, e.g. {{grid: [1, 2]}}; choose from {list(DISTRIBUTIONS)}",
+            )
+            kind, values = next(iter(spec.items()))
+            _check(isinstance(values, list) and values, f"space.{key}.{kind} must be a non-empty list")
+            if kind in ("uniform", "loguniform", "randint"):
+                _check(len(values) == 2 and values[0] < values[1], f"space.{key}.{kind} must be [low, high]")
+            _check(
+                kind != "grid" or self.search == "grid",
+                f"space.{key} uses grid values but search is {self.search!r}: use choice for random/optuna search",
+            )
 
 
 def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:

@@ -70,3 +70,34 @@ def test_overrides_address_stages_by_name_and_bad_keys_are_named():
         load_experiment(path, ["resources.num_workers=3"])
     with pytest.raises(ConfigError, match="fsdp needs GPU workers"):
         load_experiment(path, ["stages.stage2.strategy=fsdp"])
+
+
+@pytest.mark.parametrize("path", sorted((EXPERIMENTS / "sweeps").glob("*.yaml")), ids=lambda p: p.name)
+def test_sweep_validates_with_its_base_experiment(path):
+    from owl2.tune.sweep import load_sweep
+
+    sweep, base = load_sweep(path)
+    assert sweep.space and base.stages
+
+
+def test_sweep_keys_are_checked_against_the_experiment(tmp_path):
+    from owl2.tune.sweep import load_sweep
+
+    (tmp_path / "bad.yaml").write_text(
+        f"experiment: {EXPERIMENTS / 'tiny_cpu' / 'pipeline.yaml'}\n"
+        "space:\n  model.overrides.abstractor.num_querys: {grid: [8]}\n"
+    )
+    with pytest.raises(ConfigError, match=r"space.model.overrides.abstractor.num_querys=8 does not fit"):
+        load_sweep(tmp_path / "bad.yaml")
+
+
+def test_ray_job_entrypoints_reject_a_bad_config_cleanly(tmp_path, capsys):
+    from owl2.cli import add_train_arguments, job_entrypoint, run_train
+
+    code = job_entrypoint(
+        "train",
+        add_train_arguments,
+        run_train,
+        ["--config", str(EXPERIMENTS / "tiny_cpu" / "pipeline.yaml"), "resources.num_workers=0"],
+    )
+    assert code == 2 and "resources.num_workers must be >= 1" in capsys.readouterr().err

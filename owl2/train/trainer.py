@@ -13,6 +13,7 @@ duplicated.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,10 +45,12 @@ def resolve_paths(experiment: ExperimentConfig, base: Path | None = None) -> Exp
         setattr(experiment.model, field, absolute(getattr(experiment.model, field)))
     for stage in experiment.stages.values():
         stage.init_from = absolute(stage.init_from)
-        stage.data.tokenizer = absolute(stage.data.tokenizer)
-        for source in stage.data.sources:
-            source.path = [absolute(p) for p in source.path] if isinstance(source.path, list) else absolute(source.path)
-            source.image_root = absolute(source.image_root)
+        for data in [stage.data] + ([stage.validation.data] if stage.validation else []):
+            data.tokenizer = absolute(data.tokenizer)
+            for source in data.sources:
+                paths = source.path
+                source.path = [absolute(p) for p in paths] if isinstance(paths, list) else absolute(paths)
+                source.image_root = absolute(source.image_root)
     return experiment
 
 
@@ -69,9 +72,20 @@ def check_tokenizers(experiment: ExperimentConfig) -> None:
 
 
 def run_experiment(
-    experiment: ExperimentConfig, stages: list[str] | None = None, **loop_extras: Any
+    experiment: ExperimentConfig,
+    stages: list[str] | None = None,
+    parent_run_id: str | None = None,
+    extra_params: dict[str, Any] | None = None,
+    callbacks: list[Any] | None = None,
+    progress: bool = True,
+    **loop_extras: Any,
 ) -> list[StageResult]:
-    """Run ``stages`` (default: all, in order); each starts from the previous stage's last checkpoint."""
+    """Run ``stages`` (default: all, in order); each starts from the previous stage's last checkpoint.
+
+    ``parent_run_id`` nests the experiment's MLflow run (a sweep's trial); ``extra_params`` are logged on
+    it (a trial's sampled values); ``callbacks`` go to every ``TorchTrainer`` (Tune's report forwarding);
+    ``progress`` prints the rank-0 worker's progress lines here.
+    """
     from owl2.runtime import ensure_ray
     from owl2.tracking import Tracker, resolve_tracking_uri, run_tags
     from owl2.train.progress import ProgressPrinter
@@ -87,21 +101,26 @@ def run_experiment(
     tracking_uri = resolve_tracking_uri(experiment.tracking, experiment.storage_path)
     tracker = Tracker(tracking_uri)
     parent = tracker.start_run(
-        experiment.name, experiment.tracking.experiment, tags=run_tags(None, config_yaml, None), resume=True
+        experiment.name,
+        experiment.tracking.experiment,
+        parent_run_id=parent_run_id,
+        tags=run_tags(None, config_yaml, None),
+        resume=True,
     )
-    tracker.log_params(parent, to_dict(experiment))
+    tracker.log_params(parent, {**to_dict(experiment), **(extra_params or {})})
     tracker.log_text(parent, config_yaml, "experiment.yaml")
 
     results: list[StageResult] = []
     previous = None
     try:
-        with ProgressPrinter() as progress:
+        with ProgressPrinter() if progress else nullcontext() as printer:
             for name, stage in experiment.stages.items():
                 if stages and name not in stages:
                     continue
                 init_from = stage.init_from or (previous.checkpoint.path if previous else None)
+                queue = printer.queue if printer is not None else None
                 result = run_stage(
-                    experiment, name, tracker, parent, config_yaml, init_from, progress=progress.queue, **loop_extras
+                    experiment, name, tracker, parent, config_yaml, init_from, callbacks, progress=queue, **loop_extras
                 )
                 results.append(result)
                 previous = result
@@ -119,6 +138,7 @@ def run_stage(
     parent_run_id: str,
     config_yaml: str,
     init_from: str | None,
+    callbacks: list[Any] | None = None,
     **loop_extras: Any,
 ) -> StageResult:
     """One stage as a ``TorchTrainer`` run named ``<experiment>-<stage>`` (re-running it resumes it)."""
@@ -170,6 +190,7 @@ def run_stage(
             storage_path=experiment.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=experiment.max_failures),
+            callbacks=callbacks or [],
         ),
     )
     try:

@@ -1,0 +1,279 @@
+"""Ray Tune sweeps whose trials are owl2 experiments (Ray Train runs), each tracked in MLflow.
+
+::
+
+    MLflow: sweep run
+              +- shared stages (once, when only later stages are swept: no repeated pre-training)
+              +- trial run (one per trial: sampled values as params, curve, final metrics, stopped early?)
+                   +- stage runs
+
+Ray Train V2 runs inside a Tune trial as Ray documents it: the trial function builds ``TorchTrainer``s
+(through ``run_experiment``) whose ``TuneReportCallback`` forwards every report to Tune, so ASHA sees the
+validation metric as it is reported. Re-running a sweep under its name resumes it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from owl2.config import (
+    ConfigError,
+    ExperimentConfig,
+    SweepConfig,
+    build,
+    load_experiment,
+    load_yaml,
+    merge,
+    parse_overrides,
+    to_dict,
+)
+
+
+@dataclass
+class TrialSummary:
+    trial_id: str
+    values: dict[str, Any]
+    metric: float | None
+    iterations: int
+    status: str
+    stopped_early: bool
+    error: str | None
+
+
+def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[SweepConfig, ExperimentConfig]:
+    """The sweep and its base experiment, validated together before Ray starts.
+
+    Every swept key is tried on the base experiment with a representative value, so a typo or an
+    impossible value is reported naming the key.
+    """
+    path = Path(path)
+    sweep = build(SweepConfig, merge(load_yaml(path), parse_overrides(overrides or [])), "sweep")
+    base = load_experiment(path.parent / sweep.experiment, sweep.overrides)
+    for key, spec in sweep.space.items():
+        kind, values = next(iter(spec.items()))
+        for value in values if kind in ("grid", "choice") else values[:1]:
+            try:
+                apply_sample(base, {key: value})
+            except ConfigError as error:
+                raise ConfigError(f"space.{key}={value!r} does not fit the experiment: {error}") from error
+    return sweep, base
+
+
+def apply_sample(base: ExperimentConfig, sample: dict[str, Any]) -> ExperimentConfig:
+    """The base experiment with the sampled ``dotted.key: value`` pairs set (validated)."""
+    nested: dict[str, Any] = {}
+    for key, value in sample.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return build(ExperimentConfig, merge(to_dict(base), nested))
+
+
+def plan_stages(sweep: SweepConfig, base: ExperimentConfig) -> tuple[list[str], list[str]]:
+    """(stages run once and shared, stages every trial runs).
+
+    Keys under ``stages.<name>`` only affect that stage and later ones; anything else (the model's
+    architecture, resources) affects every stage, so trials then run the whole pipeline.
+    """
+    order = list(base.stages)
+    first = len(order)
+    for key in sweep.space:
+        parts = key.split(".")
+        first = min(first, order.index(parts[1]) if parts[0] == "stages" and parts[1] in order else 0)
+    return order[:first], order[first:]
+
+
+def _param_space(sweep: SweepConfig) -> dict[str, Any]:
+    from ray import tune
+
+    makers = {
+        "grid": tune.grid_search,
+        "choice": tune.choice,
+        "uniform": lambda v: tune.uniform(*v),
+        "loguniform": lambda v: tune.loguniform(*v),
+        "randint": lambda v: tune.randint(*v),
+    }
+    return {key: makers[kind](values) for key, spec in sweep.space.items() for kind, values in spec.items()}
+
+
+def _trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
+    """One trial: the base experiment with the sampled values, run as Ray Train runs (``TorchTrainer``)."""
+    from ray import tune
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from owl2.train.trainer import run_experiment
+
+    base = build(ExperimentConfig, setup["base"])
+    experiment = apply_sample(base, config)
+    experiment.name = f"{setup['sweep']}-{tune.get_context().get_trial_id()}"
+    if setup["shared_checkpoint"]:
+        experiment.stages[setup["trial_stages"][0]].init_from = setup["shared_checkpoint"]
+    run_experiment(
+        experiment,
+        stages=setup["trial_stages"],
+        parent_run_id=setup["parent_run_id"],
+        extra_params={"sweep": {key: config[key] for key in setup["keys"]}},
+        callbacks=[TuneReportCallback()],  # Ray: forward Train reports to Tune
+        progress=False,
+    )
+
+
+def run_sweep(sweep: SweepConfig, base: ExperimentConfig) -> list[TrialSummary]:
+    """Run (or resume) the sweep; returns the trials ranked by their best metric."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from owl2.runtime import ensure_ray
+    from owl2.tracking import Tracker, resolve_tracking_uri, run_tags
+    from owl2.train.trainer import resolve_paths, run_experiment
+
+    base = resolve_paths(copy.deepcopy(base))
+    storage = (
+        str(Path(sweep.storage_path).expanduser().resolve()) if "://" not in sweep.storage_path else sweep.storage_path
+    )
+    base.storage_path = storage
+    ensure_ray()
+    tracker = Tracker(resolve_tracking_uri(sweep.tracking, storage))
+    base.tracking = copy.deepcopy(sweep.tracking)
+    base.tracking.tracking_uri = tracker.tracking_uri
+    sweep_yaml = yaml.safe_dump(to_dict(sweep), sort_keys=False)
+    parent = tracker.start_run(
+        sweep.name, sweep.tracking.experiment, tags=run_tags(None, sweep_yaml, None), resume=True
+    )
+    tracker.log_params(parent, {"sweep": to_dict(sweep)})
+    tracker.log_text(parent, sweep_yaml, "sweep.yaml")
+
+    shared, trial_stages = plan_stages(sweep, base)
+    shared_checkpoint = None
+    if shared:
+        shared_run = copy.deepcopy(base)
+        shared_run.name = f"{sweep.name}-shared"
+        results = run_experiment(shared_run, stages=shared, parent_run_id=parent, progress=False)
+        shared_checkpoint = results[-1].checkpoint.path
+
+    setup = {
+        "base": to_dict(base),
+        "sweep": sweep.name,
+        "trial_stages": trial_stages,
+        "shared_checkpoint": shared_checkpoint,
+        "parent_run_id": parent,
+        "keys": list(sweep.space),
+    }
+    # The trial function only waits on its TorchTrainer: it holds no CPU, or trials would starve the workers.
+    trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup), {"cpu": 0})
+    path = f"{storage.rstrip('/')}/{sweep.name}"
+    if tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        scheduler = (
+            ASHAScheduler(
+                time_attr="training_iteration",
+                grace_period=sweep.scheduler.grace_period,
+                reduction_factor=sweep.scheduler.reduction_factor,
+                max_t=sweep.scheduler.max_t,
+            )
+            if sweep.scheduler.type == "asha"
+            else FIFOScheduler()
+        )
+        tuner = tune.Tuner(
+            trainable,
+            param_space=_param_space(sweep),
+            tune_config=tune.TuneConfig(
+                metric=sweep.metric,
+                mode=sweep.mode,
+                scheduler=scheduler,
+                search_alg=_search_algorithm(sweep),
+                num_samples=sweep.num_samples,
+                max_concurrent_trials=sweep.max_concurrent_trials,
+            ),
+            run_config=tune.RunConfig(  # Ray
+                name=sweep.name,
+                storage_path=storage,
+                failure_config=tune.FailureConfig(max_failures=sweep.trial_max_failures),
+            ),
+        )
+    grid = tuner.fit()  # Ray
+    summaries = _summarise(grid, sweep, base)
+    _record(tracker, parent, sweep, base, summaries, path)
+    return summaries
+
+
+def _search_algorithm(sweep: SweepConfig) -> Any:
+    if sweep.search != "optuna":
+        return None  # Ray Tune's variant generator: grid and random sampling
+    try:
+        from ray.tune.search.optuna import OptunaSearch
+    except ImportError as error:  # optuna is optional: it is not a dependency of owl2
+        raise ConfigError("search: optuna needs the optuna package (pip install optuna)") from error
+    return OptunaSearch()
+
+
+def _summarise(grid: Any, sweep: SweepConfig, base: ExperimentConfig) -> list[TrialSummary]:
+    """Rank the trials; a trial was stopped early when its last report is not its last stage's last step."""
+    last_stage = len(base.stages) - 1
+    last_steps = base.stages[list(base.stages)[-1]].max_steps
+    summaries = []
+    for result in grid:
+        history = result.metrics_dataframe
+        values = history[sweep.metric].dropna() if history is not None and sweep.metric in history else []
+        best = (min(values) if sweep.mode == "min" else max(values)) if len(values) else None
+        metrics = result.metrics or {}
+        iterations = int(metrics.get("training_iteration", 0))
+        completed = metrics.get("stage_index") == last_stage and metrics.get("step") == last_steps
+        summaries.append(
+            TrialSummary(
+                trial_id=Path(result.path).name,
+                values={key: result.config.get(key) for key in sweep.space},
+                metric=None if best is None else float(best),
+                iterations=iterations,
+                status="ERROR" if result.error else "TERMINATED",
+                stopped_early=result.error is None and not completed,
+                error=None if result.error is None else str(result.error).splitlines()[0][:300],
+            )
+        )
+    worst = float("inf") if sweep.mode == "min" else float("-inf")
+    summaries.sort(key=lambda s: (s.metric if s.metric is not None else worst) * (1 if sweep.mode == "min" else -1))
+    return summaries
+
+
+def _record(
+    tracker: Any, parent: str, sweep: SweepConfig, base: ExperimentConfig, summaries: list[TrialSummary], path: str
+) -> None:
+    rows = [summary.__dict__ for summary in summaries]
+    tracker.log_dict(parent, {"metric": sweep.metric, "mode": sweep.mode, "trials": rows}, "summary.json")
+    table = "\n".join(
+        f"{i + 1:>2}. {s.trial_id:<24} {sweep.metric}={s.metric if s.metric is None else round(s.metric, 5)!s:<10} "
+        f"iters={s.iterations:<4} {'stopped early ' if s.stopped_early else ''}{s.status} {json.dumps(s.values)}"
+        for i, s in enumerate(summaries)
+    )
+    tracker.log_text(parent, table, "summary.txt")
+    for summary in summaries:
+        run_id = tracker.find_run(sweep.tracking.experiment, f"{sweep.name}-{summary.trial_id}", parent)
+        if run_id:
+            tracker.set_tags(
+                run_id, {"owl2.stopped_early": str(summary.stopped_early).lower(), "owl2.trial_status": summary.status}
+            )
+            if summary.metric is not None:
+                tracker.log_metrics(run_id, {f"best_{sweep.metric}": summary.metric}, step=0)
+            if summary.stopped_early or summary.status == "ERROR":
+                tracker.end_run(run_id, "KILLED" if summary.stopped_early else "FAILED")
+    ranked = [s for s in summaries if s.metric is not None and s.status != "ERROR"]
+    if ranked:
+        best = apply_sample(base, ranked[0].values)
+        best.name = f"{sweep.name}-best"
+        best_yaml = yaml.safe_dump(to_dict(best), sort_keys=False)
+        tracker.log_text(parent, best_yaml, "best.yaml")
+        tracker.set_tags(parent, {"owl2.best_trial": ranked[0].trial_id})
+        if "://" not in path:
+            Path(path).mkdir(parents=True, exist_ok=True)
+            (Path(path) / "best.yaml").write_text(best_yaml)
+    tracker.end_run(parent, "FINISHED")
+    print(f"sweep {sweep.name}: {len(summaries)} trials ranked by {sweep.metric} ({sweep.mode})\n{table}", flush=True)
