@@ -1,0 +1,1 @@
+"""Evaluation: benchmark metrics, loaders and batched generation."""
