@@ -97,6 +97,7 @@ def _build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--resize", default="stretch", choices=RESIZE_MODES, help="how images become square")
     stats.add_argument("--preset", default="owl2-7b", help="model preset giving the tokens per image (owl2-7b: 65)")
     stats.set_defaults(handler=_data_stats)
+    add_eval_commands(commands)
     return parser
 
 
@@ -274,6 +275,125 @@ def _print_table(title: str, rows: list[tuple[str, Any]]) -> None:
     print(f"\n{title}")
     for name, value in rows:
         print(f"  {name:<{width}}  {value:>15}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation and inference: owl2 eval / generate / chat
+# --------------------------------------------------------------------------------------------------
+
+
+def add_eval_commands(commands: Any) -> None:
+    """Register ``eval``, ``generate`` and ``chat`` on the ``owl2`` subcommand parser."""
+
+    def checkpoint_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--checkpoint", required=True, help="released mPLUG-Owl2 folder or owl2 checkpoint")
+        parser.add_argument(
+            "--tokenizer", help="folder with tokenizer.model (default: the checkpoint's, or its experiment's)"
+        )
+        parser.add_argument(
+            "--template",
+            choices=TEMPLATE_NAMES,
+            help="chat template (default: the checkpoint's training template, mplug_owl2 for released models)",
+        )
+
+    evaluate = commands.add_parser("eval", help="evaluate a checkpoint on a benchmark suite, tracked in MLflow")
+    checkpoint_arguments(evaluate)
+    evaluate.add_argument("--suite", required=True, choices=("shapes", "vqa", "mmbench", "mme", "captions"))
+    evaluate.add_argument("--data", help="benchmark file or folder (shapes: the world folder, default: the model's)")
+    evaluate.add_argument("--image-root", help="folder relative image paths are under (default: beside --data)")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="items per generate() call (default 8)")
+    evaluate.add_argument("--limit", type=int, help="evaluate the first N items (of each split for shapes)")
+    evaluate.add_argument("--num-actors", type=int, default=1, help="Ray actors holding a model each (default 1)")
+    evaluate.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    evaluate.add_argument("--output", help="predictions JSONL to write (default: a temporary file, logged to MLflow)")
+    evaluate.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow eval run")
+    evaluate.set_defaults(handler=_run_eval)
+
+    generate = commands.add_parser("generate", help="answer one prompt (with an image) and print the answer")
+    checkpoint_arguments(generate)
+    generate.add_argument("--prompt", required=True, help="the question; <|image|> marks where the image goes")
+    generate.add_argument("--image", action="append", default=[], help="image file or URI (repeatable)")
+    generate.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy decoding")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when --temperature > 0")
+    generate.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    generate.set_defaults(handler=_run_generate)
+
+    chat = commands.add_parser("chat", help="interactive multi-turn chat; /image PATH, /reset, /quit")
+    checkpoint_arguments(chat)
+    chat.add_argument("--max-new-tokens", type=int, default=512, help="per reply (default 512)")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy decoding")
+    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when --temperature > 0")
+    chat.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
+    chat.set_defaults(handler=_run_chat)
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from owl2.eval.runner import format_table, run_eval
+
+    result = run_eval(
+        args.checkpoint,
+        args.suite,
+        args.data,
+        tokenizer=args.tokenizer,
+        template=args.template,
+        image_root=args.image_root,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        num_actors=args.num_actors,
+        use_gpu=args.gpu,
+        output=args.output,
+        track=not args.no_mlflow,
+    )
+    if result.rows:
+        print(format_table(result.rows, f"{args.suite}: {args.checkpoint}"))
+    for note in result.notes:
+        print(note)
+    print(f"predictions: {result.predictions}" + (f"\nMLflow run: {result.run_id}" if result.run_id else ""))
+    return 0
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from owl2.config import IMAGE_PLACEHOLDER
+    from owl2.data.images import BadImage, read_bytes
+    from owl2.eval.benchmarks import EvalItem
+    from owl2.eval.generate import generate_batch, load_model, model_source
+
+    prompt = args.prompt
+    if IMAGE_PLACEHOLDER not in prompt:
+        prompt = IMAGE_PLACEHOLDER * len(args.image) + prompt  # images first, as the official CLI asks
+    try:
+        images = [read_bytes(path) for path in args.image]
+        item = EvalItem("prompt", "chat", [{"role": "user", "content": prompt}], images)
+    except (BadImage, ValueError) as error:
+        raise ConfigError(f"--prompt/--image: {error}") from error
+    source = model_source(args.checkpoint, args.tokenizer, args.template)
+    model, tokenizer = load_model(source, device=args.device)
+    (answer,) = generate_batch(
+        model,
+        tokenizer,
+        [item],
+        args.max_new_tokens,
+        do_sample=args.temperature > 0,
+        temperature=args.temperature or 1.0,
+        top_p=args.top_p,
+        resize=source.resize,
+        template=source.template,
+        image_token_at_front=source.image_token_at_front,
+    )
+    print(answer)
+    return 0
+
+
+def _run_chat(args: argparse.Namespace) -> int:
+    from owl2.eval.chat import run_chat
+    from owl2.eval.generate import model_source
+
+    source = model_source(args.checkpoint, args.tokenizer, args.template)
+    run_chat(
+        source, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, device=args.device
+    )
+    return 0
 
 
 if __name__ == "__main__":
