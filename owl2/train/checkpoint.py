@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -61,18 +62,26 @@ class TrainState:
 def save(
     folder: str | Path,
     model: Any,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | Mapping[str, Any],
     scheduler: Any,
     state: TrainState,
     experiment_yaml: str,
+    model_state: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
-    """Write a complete checkpoint at ``folder`` atomically (``model`` is the unwrapped Owl2ForCausalLM)."""
+    """Write a complete checkpoint at ``folder`` atomically (``model`` is the unwrapped Owl2ForCausalLM).
+
+    ``optimizer`` may be given as its state dict and ``model_state`` replaces the model's own state dict: a
+    sharded (FSDP2) run passes the full states that ``owl2.train.parallel`` gathered to rank 0.
+    """
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
     try:
-        model.save_pretrained(staging, safe_serialization=True)
-        torch.save(optimizer.state_dict(), staging / OPTIMIZER_FILE)
+        model.save_pretrained(
+            staging, safe_serialization=True, state_dict=None if model_state is None else dict(model_state)
+        )
+        optimizer_state = optimizer if isinstance(optimizer, Mapping) else optimizer.state_dict()
+        torch.save(optimizer_state, staging / OPTIMIZER_FILE)
         torch.save(scheduler.state_dict(), staging / SCHEDULER_FILE)
         (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
         (staging / EXPERIMENT_FILE).write_text(experiment_yaml)
@@ -89,8 +98,17 @@ def load_state(folder: str | Path) -> TrainState:
     return TrainState(**json.loads((Path(folder) / STATE_FILE).read_text()))
 
 
-def load_training_state(folder: str | Path, optimizer: torch.optim.Optimizer, scheduler: Any) -> TrainState:
+def load_training_state(
+    folder: str | Path, optimizer: torch.optim.Optimizer, scheduler: Any, model: torch.nn.Module | None = None
+) -> TrainState:
+    """Restore the optimizer, the scheduler and the train state; ``model`` is the wrapped model the optimizer
+    belongs to (needed when it is sharded: rank 0 reads the full optimizer state and every rank keeps its shard)."""
+    from owl2.train import parallel
+
     folder = Path(folder)
-    optimizer.load_state_dict(torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True))
+    optimizer_state = None
+    if model is None or parallel.reads_full_state(model):
+        optimizer_state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    parallel.load_optimizer_state(model, optimizer, optimizer_state)
     scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True))
     return load_state(folder)

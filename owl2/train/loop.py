@@ -11,7 +11,6 @@ import math
 import os
 import tempfile
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +21,13 @@ from owl2.config import ExperimentConfig, ModelConfig, ModelInitConfig, StageCon
 from owl2.data.pipeline import Collator, encoded, iterate
 from owl2.data.sample import SkipStats
 from owl2.train import checkpoint as ckpt
+from owl2.train import parallel
 from owl2.train.optim import (
     apply_trainable,
     build_optimizer,
     format_group_table,
     group_table_rows,
+    unwrap,
     verify_optimizer_setup,
     warmup_cosine,
 )
@@ -87,25 +88,18 @@ def train_stage(loop_config: dict[str, Any]) -> None:
     # From stage 1's 224 px to stage 2's 448 px: the learned position table is resampled.
     model.set_image_size(stage.image_size)
     apply_trainable(model, stage.trainable)
-    if stage.activation_checkpointing:
-        model.gradient_checkpointing_enable()
-        model.vision.set_grad_checkpointing(True)
-    model.to(device)
     model.train()
+    # DDP or FSDP2 (with activation checkpointing if asked). FSDP2 replaces the parameters by shards, so the
+    # optimizer is built from the wrapped model, and a resumed optimizer state is loaded into it afterwards.
+    wrapped = parallel.wrap(model, stage, device)
 
-    optimizer, groups = build_optimizer(model, stage.optim)
+    optimizer, groups = build_optimizer(wrapped, stage.optim)
     scheduler = warmup_cosine(optimizer, stage.optim.warmup_steps, stage.max_steps, stage.optim.min_lr_ratio)
     state = ckpt.TrainState(stage=stage_name)
     if resume is not None:
         with resume.as_directory() as folder:
-            state = ckpt.load_training_state(folder, optimizer, scheduler)
+            state = ckpt.load_training_state(folder, optimizer, scheduler, model=wrapped)
         state.resumed_at.append(state.step)
-    # Ray: DDP across workers. Only conversation data can hold text-only rows, whose micro-batches leave the
-    # vision side without gradients; DDP must then look for unused parameters (which costs a graph walk).
-    text_only_possible = any(source.format == "llava" for source in stage.data.sources)
-    wrapped = ray.train.torch.prepare_model(
-        model, parallel_strategy="ddp", parallel_strategy_kwargs={"find_unused_parameters": text_only_possible}
-    )
     verify_optimizer_setup(wrapped, optimizer, stage.trainable)
 
     tracker = _tracker(loop_config) if rank == 0 else None
@@ -143,14 +137,11 @@ def train_stage(loop_config: dict[str, Any]) -> None:
             batch = next(stream)
             last_key = batch.last_key
             inputs = batch.to(device, dtype)
-            sync = micro == accumulation - 1 or not isinstance(wrapped, torch.nn.parallel.DistributedDataParallel)
-            with (
-                nullcontext() if sync else wrapped.no_sync(),
-                torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16),
-            ):
-                loss = wrapped(**inputs, use_cache=False).loss
-            finite = finite and bool(torch.isfinite(loss.detach()))
-            (loss / accumulation).backward()
+            with parallel.gradient_sync(wrapped, sync=micro == accumulation - 1):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
+                    loss = wrapped(**inputs, use_cache=False).loss
+                finite = finite and bool(torch.isfinite(loss.detach()))
+                (loss / accumulation).backward()
             window["loss"] += float(loss.detach())
             window["micro"] += 1
             window["samples"] += len(batch.ids)
@@ -161,7 +152,7 @@ def train_stage(loop_config: dict[str, Any]) -> None:
         grad_norm = float("nan")
         if finite:
             if stage.optim.grad_clip > 0:
-                grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), stage.optim.grad_clip))
+                grad_norm = parallel.clip_grad_norm(wrapped, stage.optim.grad_clip)
             optimizer.step()
         else:
             state.nonfinite_steps += 1
@@ -176,11 +167,14 @@ def train_stage(loop_config: dict[str, Any]) -> None:
 
         if state.step % stage.log_every == 0 or state.step == stage.max_steps:
             metrics = _window_metrics(window, learning_rates, groups, grad_norm, state, stats)
+            peak = parallel.peak_memory_gb(device)
+            if peak is not None:
+                metrics["peak_memory_gb"] = max(_all_gather(peak))  # the fullest worker
             window.update(loss=0.0, micro=0, samples=0, tokens=0, images=0, start=time.perf_counter())
         else:
             metrics = None
         if state.step % stage.checkpoint_every == 0 or state.step == stage.max_steps:
-            _checkpoint(loop_config, model, optimizer, scheduler, state, epoch, last_key, metrics, tracker, rank)
+            _checkpoint(loop_config, wrapped, optimizer, scheduler, state, epoch, last_key, metrics, tracker, rank)
             _crash_for_tests(loop_config, state.step)
         elif metrics is not None:
             _report(loop_config, metrics, None, tracker, state.step)
@@ -222,18 +216,27 @@ def _window_metrics(window, learning_rates, groups, grad_norm, state, stats) -> 
     return metrics
 
 
-def _checkpoint(loop_config, model, optimizer, scheduler, state, epoch, last_key, metrics, tracker, rank) -> None:
+def _checkpoint(loop_config, wrapped, optimizer, scheduler, state, epoch, last_key, metrics, tracker, rank) -> None:
     import ray.train
 
     positions = _all_gather((epoch, last_key))
     state.epochs = [p[0] for p in positions]
     state.last_keys = [p[1] for p in positions]
     metrics = metrics or {"step": state.step}
+    # Every rank takes part: under FSDP2 these gather the full states to rank 0.
+    model_state = parallel.model_state_for_checkpoint(wrapped)
+    optimizer_state = parallel.optimizer_state_for_checkpoint(wrapped, optimizer)
     with tempfile.TemporaryDirectory() as scratch:
         checkpoint = None
         if rank == 0:
             folder = ckpt.save(
-                Path(scratch) / "checkpoint", model, optimizer, scheduler, state, loop_config["experiment_yaml"]
+                Path(scratch) / "checkpoint",
+                unwrap(wrapped),
+                optimizer_state,
+                scheduler,
+                state,
+                loop_config["experiment_yaml"],
+                model_state=model_state,
             )
             checkpoint = ray.train.Checkpoint.from_directory(str(folder))
         _report(loop_config, metrics, checkpoint, tracker, state.step)
@@ -269,7 +272,7 @@ def _tracker(loop_config):
 
 
 def _use_bf16(stage: StageConfig, device: torch.device) -> bool:
-    return stage.precision == "bf16" or (stage.precision == "auto" and device.type == "cuda")
+    return parallel.use_bf16(stage, device)
 
 
 def _crash_for_tests(loop_config: dict[str, Any], step: int) -> None:

@@ -1,0 +1,299 @@
+"""Data parallelism for the train loop: DDP or FSDP2, activation checkpointing, and strategy-free helpers.
+
+``wrap`` turns the bare ``Owl2ForCausalLM`` into what the loop trains; everything the loop does that depends on
+the strategy goes through a helper here (gradient sync during accumulation, clipping, checkpoint state in and
+out), so ``loop.py`` never asks which strategy runs. The model itself holds no distribution code.
+
+FSDP2 (``torch.distributed.fsdp.fully_shard``) shards every decoder layer, vision block and abstractor layer
+as its own unit, then the root, which keeps the rest (embeddings, head, norms, the vision stem, the
+abstractor's queries and projection). ``fully_shard`` replaces each parameter by a ``DTensor`` shard, so the
+optimizer must be built from the wrapped model, after ``wrap``. Checkpoints stay in the single-process format
+either way: the full state is gathered to rank 0 on save and scattered from a full state on load.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, nullcontext
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from owl2.config import StageConfig
+from owl2.train.optim import unwrap
+
+
+def use_bf16(stage: StageConfig, device: torch.device) -> bool:
+    """Whether the stage computes in bfloat16: asked for, or ``auto`` on a GPU."""
+    return stage.precision == "bf16" or (stage.precision == "auto" and device.type == "cuda")
+
+
+def text_only_rows_possible(stage: StageConfig) -> bool:
+    """Only conversation data can hold rows without an image (text-only instructions)."""
+    return any(source.format == "llava" for source in stage.data.sources)
+
+
+# ------------------------------------------------------------------------------------------ wrapping
+
+
+def layer_stacks(model: nn.Module) -> dict[str, nn.ModuleList | nn.Sequential]:
+    """The repeated layers of the three towers, by their path in the model."""
+    return {
+        "vision.blocks": model.vision.blocks,
+        "abstractor.layers": model.abstractor.layers,
+        "decoder.layers": model.decoder.layers,
+    }
+
+
+def shard_plan(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The FSDP2 units in the order ``fully_shard`` is applied: every layer of each tower, the root last."""
+    units = [
+        (f"{path}.{index}", layer) for path, stack in layer_stacks(model).items() for index, layer in enumerate(stack)
+    ]
+    return units + [("", model)]
+
+
+def apply_activation_checkpointing(model: nn.Module) -> None:
+    """Recompute every layer of the three towers in the backward pass instead of keeping its activations.
+
+    The decoder and the vision encoder use their own switches (transformers checkpoints ``forward``, so FSDP2's
+    hooks stay outside the checkpoint; timm's blocks run under FSDP2's recompute-aware hooks); the abstractor,
+    which has none, gets the hook-based composable checkpoint. Neither wraps a module, so parameter names and
+    state-dict keys stay those of the bare model.
+    """
+    from torch.distributed._composable import checkpoint
+
+    model.activation_checkpointing_enable()
+    model.vision.set_grad_checkpointing(True)
+    for layer in model.abstractor.layers:
+        checkpoint(layer)
+
+
+def wrap(
+    model: nn.Module, stage: StageConfig, device: torch.device, mesh: Any = None, *, defer_fsdp_sync: bool = False
+) -> nn.Module:
+    """The stage's data-parallel model: ``model`` under DDP (through Ray Train) or sharded with FSDP2.
+
+    Call it after ``apply_trainable`` and before building the optimizer. ``mesh`` (FSDP2 only) defaults to
+    one dimension over the whole process group. ``defer_fsdp_sync`` makes :func:`gradient_sync` skip FSDP2's
+    reduce-scatter on all but the last micro-batch (see there); it is recorded on the returned model.
+    """
+    if stage.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if stage.strategy == "fsdp":
+        wrapped = shard(model, mesh, bf16=use_bf16(stage, device), device=device)
+        wrapped._owl2_defer_sync = defer_fsdp_sync
+        return wrapped
+    import ray.train.torch
+
+    model.to(device)
+    # Ray: DDP across workers. Micro-batches of text-only rows leave the vision side without gradients; DDP must
+    # then look for unused parameters (a graph walk per step), so only where such rows can occur.
+    return ray.train.torch.prepare_model(
+        model,
+        parallel_strategy="ddp",
+        parallel_strategy_kwargs={"find_unused_parameters": text_only_rows_possible(stage)},
+    )
+
+
+def shard(model: nn.Module, mesh: Any = None, *, bf16: bool = False, device: torch.device | None = None) -> nn.Module:
+    """Apply FSDP2 to ``model`` in place (per :func:`shard_plan`) and return it.
+
+    With ``bf16`` the units gather their parameters in bfloat16 for compute while the shards, the gradients'
+    reduction and the optimizer stay float32. The parameters move to the mesh's device unit by unit, so a
+    model loaded on the CPU never has to fit on one GPU whole.
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    if mesh is None:
+        device_type = (device or torch.device("cpu")).type
+        mesh = init_device_mesh(device_type, (dist.get_world_size(),))
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
+    kwargs = {"mesh": mesh} | ({"mp_policy": policy} if policy is not None else {})
+    for _, unit in shard_plan(model):
+        fully_shard(unit, **kwargs)
+    model.decoder.register_forward_pre_hook(functools.partial(_visit_every_unit, model), with_kwargs=True)
+    return model
+
+
+def _visit_every_unit(
+    owl2: nn.Module, decoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> tuple[Any, Any] | None:
+    """Make a forward without images run the vision and visual branches too, contributing exactly zero.
+
+    FSDP2 gathers each unit's parameters when the unit runs and reduce-scatters the gradients it received: every
+    rank must run the same units with the same gradients present, or the collectives disagree and the job
+    hangs. A rank whose micro-batch is all text would skip the vision encoder, the abstractor and the visual
+    copies of the decoder's norms and K/V while another rank runs them. So a text-only forward encodes one
+    black image and adds ``0 *`` its sum to the embeddings, and routes every token through both branches
+    with an all-text mask (each token still takes its text copy: the output is unchanged).
+    """
+    if kwargs.get("visual_mask") is not None:
+        return None
+    embeds = args[0] if args else kwargs["inputs_embeds"]
+    size = owl2.vision.patch_embed.img_size
+    black = embeds.new_zeros(1, 3, size[0], size[1])
+    zero = owl2.encode_images(black).sum().to(embeds.dtype) * 0
+    kwargs = {**kwargs, "visual_mask": torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)}
+    if args:
+        return (embeds + zero, *args[1:]), kwargs
+    return args, {**kwargs, "inputs_embeds": embeds + zero}
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+# ------------------------------------------------------------------------------------------ stepping
+
+
+@contextmanager
+def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
+    """Context for one micro-batch's forward and backward; ``sync=False`` on all but the last of a step.
+
+    DDP skips its all-reduce (``no_sync``). FSDP2 reduce-scatters every micro-batch by default, so gradients
+    accumulate in sharded form: deferring the reduction (``wrap(..., defer_fsdp_sync=True)``,
+    ``set_requires_gradient_sync``) saves that communication but holds an unsharded float32 gradient of every
+    trainable parameter until the step's last backward, 4 bytes per parameter (33 GB for the 8.2B model).
+    """
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        with nullcontext() if sync else model.no_sync():
+            yield
+    elif is_sharded(model) and getattr(model, "_owl2_defer_sync", False):
+        model.set_requires_gradient_sync(sync)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        yield
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm over all ranks' shards; the norm before clipping, as a float."""
+    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    # Over DTensor shards the norm is a DTensor too (already reduced over the mesh).
+    full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+    return float(full)
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    """Most accelerator memory this process's tensors held so far, in GiB (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+# ------------------------------------------------------------------------------------------ checkpoint state
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def model_state_for_checkpoint(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """The bare model's full state dict on rank 0, None elsewhere. Every rank must call it (FSDP2 gathers)."""
+    if is_sharded(model):
+        from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+        state = get_model_state_dict(model, options=_full_state_options(load=False))
+        return state if _rank() == 0 else None
+    return unwrap(model).state_dict() if _rank() == 0 else None
+
+
+def optimizer_state_for_checkpoint(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any] | None:
+    """``optimizer.state_dict()`` of the unsharded run on rank 0 (None elsewhere); every rank must call it.
+
+    Under FSDP2 the full state is gathered and renumbered into torch's own layout (state keyed by the
+    parameter's position over the groups), so a checkpoint reads the same whichever strategy wrote it.
+    """
+    if not is_sharded(model):
+        return optimizer.state_dict() if _rank() == 0 else None
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    by_name = get_optimizer_state_dict(model, optimizer, options=_full_state_options(load=False))
+    if _rank() != 0:
+        return None
+    names = _names_in_order(optimizer)
+    index = {name: position for position, name in enumerate(names)}
+    state = {index[name]: value for name, value in by_name["state"].items()}
+    groups, start = [], 0
+    for group, own in zip(by_name["param_groups"], optimizer.param_groups, strict=True):
+        count = len(own["params"])
+        groups.append({**group, "params": list(range(start, start + count))})
+        start += count
+    return {"state": state, "param_groups": groups}
+
+
+def reads_full_state(model: nn.Module | None) -> bool:
+    """Whether this rank must read a full state from disk to load it: all ranks under DDP, rank 0 under FSDP2
+    (the others receive their shards from it, so a node holds one full copy of the state, not one per GPU)."""
+    return not is_sharded(model) or _rank() == 0
+
+
+def load_optimizer_state(
+    model: nn.Module | None, optimizer: torch.optim.Optimizer, state_dict: Mapping[str, Any] | None
+) -> None:
+    """Load an ``optimizer.state_dict()``-layout state (as :func:`optimizer_state_for_checkpoint` writes it).
+
+    ``model`` is the wrapped model the optimizer belongs to. Under FSDP2 every rank must call this; rank 0
+    passes the full state and the others may pass None (see :func:`reads_full_state`).
+    """
+    if not is_sharded(model):
+        optimizer.load_state_dict(state_dict)
+        return
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+    by_name: dict[str, Any] = {}
+    if _rank() == 0:
+        names = _names_in_order(optimizer)
+        groups = list(state_dict["param_groups"])
+        if [len(g["params"]) for g in groups] != [len(g["params"]) for g in optimizer.param_groups]:
+            raise ValueError("the optimizer state's groups differ from the optimizer's (saved for another stage spec?)")
+        by_name = {
+            "state": {names[int(position)]: value for position, value in state_dict["state"].items()},
+            "param_groups": [
+                {**group, "params": [names[int(position)] for position in group["params"]]} for group in groups
+            ],
+        }
+    tuples = [{key for key, value in group.items() if isinstance(value, tuple)} for group in optimizer.param_groups]
+    set_optimizer_state_dict(model, optimizer, by_name, options=_full_state_options(load=True))
+    # The broadcast flattens the groups and brings tuples (AdamW's betas) back as lists: keep torch's types.
+    for group, keys in zip(optimizer.param_groups, tuples, strict=True):
+        group.update({key: tuple(group[key]) for key in keys if isinstance(group[key], list)})
+
+
+def load_model_state(model: nn.Module, state_dict: Mapping[str, torch.Tensor] | None) -> None:
+    """Load a full bare-model state dict; under FSDP2 every rank calls this, rank 0 with the state, and each
+    keeps its shards (the others may pass None)."""
+    if not is_sharded(model):
+        unwrap(model).load_state_dict(state_dict)
+        return
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    set_model_state_dict(model, dict(state_dict or {}) if _rank() == 0 else {}, options=_full_state_options(load=True))
+
+
+def _full_state_options(*, load: bool) -> Any:
+    """Saving gathers every tensor whole to rank 0's CPU memory; loading sends rank 0's tensors to the others."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    if load:
+        return StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _names_in_order(optimizer: torch.optim.Optimizer) -> list[str]:
+    """The bare-model names of the optimizer's parameters over its groups (``build_param_groups`` records them)."""
+    names = []
+    for group in optimizer.param_groups:
+        if "param_names" not in group:
+            raise ValueError("the optimizer's groups lack param_names: build it with owl2.train.optim.build_optimizer")
+        names.extend(group["param_names"])
+    return names

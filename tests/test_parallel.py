@@ -1,0 +1,403 @@
+"""DDP/FSDP2 wrapping: the shard plan, activation checkpointing, and FSDP2 on two CPU processes (gloo).
+
+The FSDP2 scenarios run once, in one two-process group (``torch.multiprocessing.spawn``), and leave their
+results in files that the tests compare with a plain single-process run of the same batches: gradients,
+updated parameters and optimizer state (fp32), the full state dict gathered to rank 0, and a checkpoint
+save -> load round trip that continues exactly. They call ``owl2.train.parallel`` directly: the config
+keeps refusing ``strategy: fsdp`` without GPUs, since FSDP2 on CPU is for tests only.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+from owl2.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ModelConfig, OptimConfig
+from owl2.model import Owl2Config, Owl2ForCausalLM
+from owl2.train import checkpoint as ckpt
+from owl2.train import parallel
+from owl2.train.optim import apply_trainable, build_optimizer, unwrap, verify_optimizer_setup, warmup_cosine
+
+WORLD = 2
+STAGE1 = ["vision", "abstractor", "decoder.visual"]
+OPTIM = OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.05, grad_clip=0.5)
+# Each scenario: trainable parts, micro-batches per rank, rank whose micro-batches are text only (-1: none),
+# activation checkpointing, deferred FSDP gradient sync. Batches differ per rank, micro-batch and scenario.
+SCENARIOS: dict[str, dict[str, Any]] = {
+    "accumulate": {"parts": ["all"], "micro": 2, "text_rank": -1, "ac": False, "defer": False},
+    "text_only_rank_with_checkpointing": {"parts": ["all"], "micro": 1, "text_rank": 0, "ac": True, "defer": False},
+    "stage1_deferred_sync": {"parts": STAGE1, "micro": 2, "text_rank": -1, "ac": False, "defer": True},
+}
+
+
+def _model(seed: int = 0) -> Owl2ForCausalLM:
+    torch.manual_seed(seed)
+    return Owl2ForCausalLM(Owl2Config.from_spec(ModelConfig.from_preset("debug")))
+
+
+def _batch(seed: int, images: bool = True) -> dict[str, Any]:
+    """Two rows of 12 tokens; with ``images`` row 0 holds one image and row 1 two; labels skip placeholders."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, 256, (2, 12), generator=generator)
+    counts = [0, 0]
+    if images:
+        ids[0, 1] = ids[1, 1] = ids[1, 6] = IMAGE_TOKEN_INDEX
+        counts = [1, 2]
+    labels = torch.where(ids == IMAGE_TOKEN_INDEX, IGNORE_INDEX, ids)
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, "image_counts": counts}
+    if images:
+        batch["images"] = torch.randn(3, 3, 56, 56, generator=generator)
+    return batch
+
+
+def _batches(name: str, rank: int) -> list[dict[str, Any]]:
+    spec = SCENARIOS[name]
+    base = 1000 * list(SCENARIOS).index(name) + 10 * rank
+    return [_batch(base + micro, images=rank != spec["text_rank"]) for micro in range(spec["micro"])]
+
+
+def _prepare(model: Owl2ForCausalLM, parts: list[str], ac: bool) -> Owl2ForCausalLM:
+    model.train()
+    apply_trainable(model, parts)
+    if ac:
+        parallel.apply_activation_checkpointing(model)
+    return model
+
+
+def _train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer, batches: list[dict[str, Any]]) -> float:
+    """One optimizer step over ``batches`` as the loop takes it; the loss of the last micro-batch."""
+    optimizer.zero_grad(set_to_none=True)
+    for micro, batch in enumerate(batches):
+        with parallel.gradient_sync(model, sync=micro == len(batches) - 1):
+            loss = model(**batch, use_cache=False).loss
+            (loss / len(batches)).backward()
+    parallel.clip_grad_norm(model, OPTIM.grad_clip)
+    optimizer.step()
+    return float(loss.detach())
+
+
+def _reference(name: str) -> dict[str, Any]:
+    """The scenario in one process without any wrapper: the mean over ranks of each rank's step loss."""
+    spec = SCENARIOS[name]
+    model = _prepare(_model(), spec["parts"], spec["ac"])
+    optimizer, _ = build_optimizer(model, OPTIM)
+    optimizer.zero_grad(set_to_none=True)
+    for rank in range(WORLD):
+        for batch in _batches(name, rank):
+            (model(**batch, use_cache=False).loss / (spec["micro"] * WORLD)).backward()
+    grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+    norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), OPTIM.grad_clip))
+    optimizer.step()
+    return {"grads": grads, "norm": norm, "model": model.state_dict(), "optimizer": optimizer.state_dict()}
+
+
+# ------------------------------------------------------------------------------------------ the two workers
+
+
+def _gathered_grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: p.grad.full_tensor() for name, p in model.named_parameters() if p.grad is not None}
+
+
+def _worker(rank: int, port: int, out: str) -> None:
+    torch.set_num_threads(1)  # two processes on a two-core machine
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD)
+    try:
+        _scenarios(rank, Path(out))
+        _round_trip(rank, Path(out))
+        _mixed_precision(rank, Path(out))
+    finally:
+        dist.destroy_process_group()
+
+
+def _scenarios(rank: int, out: Path) -> None:
+    for name, spec in SCENARIOS.items():
+        model = _prepare(_model(), spec["parts"], spec["ac"])
+        wrapped = parallel.shard(model)
+        wrapped._owl2_defer_sync = spec["defer"]
+        optimizer, _ = build_optimizer(wrapped, OPTIM)  # after sharding: its tensors are the DTensor shards
+        verify_optimizer_setup(wrapped, optimizer, spec["parts"])
+        optimizer.zero_grad(set_to_none=True)
+        batches = _batches(name, rank)
+        for micro, batch in enumerate(batches):
+            with parallel.gradient_sync(wrapped, sync=micro == len(batches) - 1):
+                (wrapped(**batch, use_cache=False).loss / len(batches)).backward()
+        grads = _gathered_grads(wrapped)
+        norm = parallel.clip_grad_norm(wrapped, OPTIM.grad_clip)
+        optimizer.step()
+        result = {
+            "grads": grads,
+            "norm": norm,
+            "model": parallel.model_state_for_checkpoint(wrapped),
+            "optimizer": parallel.optimizer_state_for_checkpoint(wrapped, optimizer),
+            "sharded": all(type(p).__name__ == "DTensor" for p in wrapped.parameters()),
+            "units": sum(isinstance(m, torch.distributed.fsdp.FSDPModule) for m in wrapped.modules()),
+        }
+        if rank == 0:
+            torch.save(result, out / f"{name}.pt")
+        else:
+            assert result["model"] is None and result["optimizer"] is None  # only rank 0 holds full states
+
+
+def _round_trip(rank: int, out: Path) -> None:
+    """Train a step, save a checkpoint, load it into a new sharded model, continue both: the same weights."""
+    model = _prepare(_model(), ["all"], ac=False)
+    wrapped = parallel.shard(model)
+    optimizer, _ = build_optimizer(wrapped, OPTIM)
+    scheduler = warmup_cosine(optimizer, 1, 10, 0.1)
+    _train_step(wrapped, optimizer, [_batch(7 + rank)])
+    scheduler.step()
+    saved_model = parallel.model_state_for_checkpoint(wrapped)
+    saved_optimizer = parallel.optimizer_state_for_checkpoint(wrapped, optimizer)
+    folder = out / "checkpoint"
+    if rank == 0:
+        state = ckpt.TrainState(stage="stage2", step=1)
+        ckpt.save(folder, unwrap(wrapped), saved_optimizer, scheduler, state, "name: test\n", model_state=saved_model)
+    dist.barrier()
+
+    # As the loop resumes: every rank reads the weights, shards, builds its optimizer, then loads its state.
+    resumed = parallel.shard(_prepare(Owl2ForCausalLM.from_pretrained(folder), ["all"], ac=False))
+    resumed_optimizer, _ = build_optimizer(resumed, OPTIM)
+    resumed_scheduler = warmup_cosine(resumed_optimizer, 1, 10, 0.1)
+    train_state = ckpt.load_training_state(folder, resumed_optimizer, resumed_scheduler, model=resumed)
+    loaded_model = parallel.model_state_for_checkpoint(resumed)
+    loaded_optimizer = parallel.optimizer_state_for_checkpoint(resumed, resumed_optimizer)
+
+    # The model-state loader on its own: rank 0 sends the full state into another initialisation's shards.
+    other = parallel.shard(_prepare(_model(seed=1), ["all"], ac=False))
+    parallel.load_model_state(other, saved_model if rank == 0 else None)
+    broadcast = parallel.model_state_for_checkpoint(other)
+
+    batch = _batch(20 + rank)
+    _train_step(wrapped, optimizer, [batch])
+    _train_step(resumed, resumed_optimizer, [batch])
+    continued, continued_resumed = (parallel.model_state_for_checkpoint(m) for m in (wrapped, resumed))
+    if rank == 0:
+        torch.save(
+            {
+                "saved_model": saved_model,
+                "saved_optimizer": saved_optimizer,
+                "loaded_model": loaded_model,
+                "loaded_optimizer": loaded_optimizer,
+                "broadcast": broadcast,
+                "step": train_state.step,
+                "lr": [group["lr"] for group in resumed_optimizer.param_groups],
+                "saved_lr": [group["lr"] for group in optimizer.param_groups],
+                "continued": continued,
+                "continued_resumed": continued_resumed,
+            },
+            out / "round_trip.pt",
+        )
+
+
+def _mixed_precision(rank: int, out: Path) -> None:
+    """bf16 compute with float32 shards, reduction and optimizer: the loss stays near the fp32 loss."""
+    model = _prepare(_model(), ["all"], ac=False)
+    seen: list[torch.dtype] = []
+    model.decoder.layers[0].mlp.register_forward_pre_hook(lambda module, args: seen.append(module.up_proj.weight.dtype))
+    wrapped = parallel.shard(model, bf16=True)
+    optimizer, _ = build_optimizer(wrapped, OPTIM)
+    loss = _train_step(wrapped, optimizer, [_batch(30 + rank)])
+    result = {
+        "loss": loss,
+        "compute_dtype": seen[0],
+        "shard_dtypes": {p.dtype for p in wrapped.parameters()},
+        "grad_dtypes": {p.grad.dtype for p in wrapped.parameters() if p.grad is not None},
+        "model": parallel.model_state_for_checkpoint(wrapped),
+    }
+    if rank == 0:
+        torch.save(result, out / "bf16.pt")
+
+
+@pytest.fixture(scope="module")
+def fsdp_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("fsdp")
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # Children inherit the environment (offline hub) and find this module through the inherited sys.path.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    mp.spawn(_worker, args=(port, str(out)), nprocs=WORLD, join=True)
+    return out
+
+
+def _load(folder: Path, name: str) -> dict[str, Any]:
+    return torch.load(folder / f"{name}.pt", weights_only=False)
+
+
+def _assert_same_states(ours: dict[str, torch.Tensor], reference: dict[str, torch.Tensor], **tolerance: float) -> None:
+    assert set(ours) == set(reference)
+    for key, value in reference.items():
+        torch.testing.assert_close(ours[key], value, msg=key, **tolerance)
+
+
+def _assert_same_optimizer(ours: dict[str, Any], reference: dict[str, Any], **tolerance: float) -> None:
+    assert set(ours["state"]) == set(reference["state"])
+    for index, values in reference["state"].items():
+        for key, value in values.items():
+            torch.testing.assert_close(ours["state"][index][key], value, msg=f"{index}.{key}", **tolerance)
+    assert ours["param_groups"] == reference["param_groups"]  # names, LRs, decay, param_names, indices
+
+
+# ------------------------------------------------------------------------------------------ FSDP2 on CPU
+
+
+@pytest.mark.parametrize("name", list(SCENARIOS))
+def test_fsdp_step_equals_a_single_process_step(fsdp_results, name):
+    ours, reference = _load(fsdp_results, name), _reference(name)
+    assert ours["sharded"]
+    assert ours["units"] == 2 + 2 + 2 + 1  # vision blocks, abstractor layers, decoder layers, root
+    tight = {"atol": 1e-6, "rtol": 1e-5}
+    _assert_same_states(ours["grads"], reference["grads"], **tight)
+    assert ours["norm"] == pytest.approx(reference["norm"], rel=1e-5)
+    assert ours["norm"] > OPTIM.grad_clip  # the clipping did something
+    # Adam's first step divides by |grad|: where a gradient is near eps, float rounding of the reduction shows.
+    _assert_same_states(ours["model"], reference["model"], atol=OPTIM.lr * 2e-3, rtol=1e-5)
+    _assert_same_optimizer(ours["optimizer"], reference["optimizer"], **tight)
+
+
+def test_text_only_rank_gives_zero_but_present_vision_gradients(fsdp_results):
+    """A rank with no image still runs the vision units (else FSDP2's collectives disagree and hang)."""
+    ours = _load(fsdp_results, "text_only_rank_with_checkpointing")
+    assert any(key.startswith("vision.blocks.") for key in ours["grads"])
+    assert any(".visual." in key for key in ours["grads"])
+
+
+def test_full_state_dict_on_rank0_is_the_bare_models_layout(fsdp_results):
+    ours = _load(fsdp_results, "accumulate")["model"]
+    assert list(ours) == list(_model().state_dict())  # same keys in the same order, no wrapper prefixes
+    assert all(value.device.type == "cpu" for value in ours.values())
+
+
+def test_checkpoint_round_trip_restores_everything_and_continues_identically(fsdp_results):
+    result = _load(fsdp_results, "round_trip")
+    exact = {"atol": 0.0, "rtol": 0.0}
+    _assert_same_states(result["loaded_model"], result["saved_model"], **exact)
+    _assert_same_optimizer(result["loaded_optimizer"], result["saved_optimizer"], **exact)
+    _assert_same_states(result["broadcast"], result["saved_model"], **exact)
+    assert result["step"] == 1 and result["lr"] == result["saved_lr"]
+    _assert_same_states(result["continued_resumed"], result["continued"], **exact)
+
+    # The files are the single-process format: weights loadable as such, optimizer state indexed by position.
+    folder = fsdp_results / "checkpoint"
+    _assert_same_states(load_file(folder / "model.safetensors"), result["saved_model"], **exact)
+    plain = Owl2ForCausalLM.from_pretrained(folder)
+    _assert_same_states(plain.state_dict(), result["saved_model"], **exact)
+    optimizer, _ = build_optimizer(_prepare(plain, ["all"], ac=False), OPTIM)
+    optimizer.load_state_dict(torch.load(folder / ckpt.OPTIMIZER_FILE, weights_only=True))
+
+
+def test_bf16_computes_in_bf16_and_keeps_fp32_shards(fsdp_results):
+    result = _load(fsdp_results, "bf16")
+    assert result["compute_dtype"] == torch.bfloat16
+    assert result["shard_dtypes"] == {torch.float32} and result["grad_dtypes"] == {torch.float32}
+    assert all(value.dtype == torch.float32 for value in result["model"].values())
+    fp32 = _prepare(_model(), ["all"], ac=False)
+    with torch.no_grad():
+        reference = float(fp32(**_batch(30), use_cache=False).loss)
+    assert result["loss"] == pytest.approx(reference, abs=0.05)
+
+
+# ------------------------------------------------------------------------------------------ without sharding
+
+
+def test_shard_plan_is_every_layer_of_the_three_towers_then_the_root():
+    names = [name for name, _ in parallel.shard_plan(_model())]
+    assert names == [
+        "vision.blocks.0",
+        "vision.blocks.1",
+        "abstractor.layers.0",
+        "abstractor.layers.1",
+        "decoder.layers.0",
+        "decoder.layers.1",
+        "",
+    ]
+
+
+def _saved_tensors(model: torch.nn.Module, batch: dict[str, Any]) -> int:
+    count = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal count
+        count += 1
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        model(**batch, use_cache=False).loss.backward()
+    return count
+
+
+def test_activation_checkpointing_keeps_names_and_gradients_and_saves_less():
+    batch = _batch(3)
+    plain, checkpointed = _prepare(_model(), ["all"], ac=False), _prepare(_model(), ["all"], ac=True)
+    assert [n for n, _ in checkpointed.named_parameters()] == [n for n, _ in plain.named_parameters()]
+    assert list(checkpointed.state_dict()) == list(plain.state_dict())
+    saved_plain, saved_checkpointed = _saved_tensors(plain, batch), _saved_tensors(checkpointed, batch)
+    assert saved_checkpointed < saved_plain / 2, (saved_checkpointed, saved_plain)
+    for (name, ours), (_, reference) in zip(checkpointed.named_parameters(), plain.named_parameters(), strict=True):
+        torch.testing.assert_close(ours.grad, reference.grad, msg=name)
+
+
+def test_unsharded_state_helpers_are_the_plain_state_dicts(tmp_path):
+    model = _prepare(_model(), STAGE1, ac=False)
+    optimizer, _ = build_optimizer(model, OPTIM)
+    scheduler = warmup_cosine(optimizer, 1, 10, 0.0)
+    _train_step(model, optimizer, [_batch(5)])
+    assert not parallel.is_sharded(model) and parallel.reads_full_state(model)
+    model_state = parallel.model_state_for_checkpoint(model)
+    optimizer_state = parallel.optimizer_state_for_checkpoint(model, optimizer)
+    _assert_same_states(model_state, model.state_dict(), atol=0.0, rtol=0.0)
+    _assert_same_optimizer(optimizer_state, optimizer.state_dict(), atol=0.0, rtol=0.0)
+
+    # Passing the gathered states writes exactly what saving the model and optimizer themselves writes.
+    state = ckpt.TrainState(stage="stage1", step=1)
+    own = ckpt.save(tmp_path / "own", model, optimizer, scheduler, state, "name: x\n")
+    given = ckpt.save(
+        tmp_path / "given", model, optimizer_state, scheduler, state, "name: x\n", model_state=model_state
+    )
+    for file in ("model.safetensors", ckpt.OPTIMIZER_FILE, ckpt.SCHEDULER_FILE, "config.json"):
+        assert (own / file).read_bytes() == (given / file).read_bytes(), file
+
+    fresh = _prepare(_model(), STAGE1, ac=False)
+    fresh_optimizer, _ = build_optimizer(fresh, OPTIM)
+    ckpt.load_training_state(given, fresh_optimizer, warmup_cosine(fresh_optimizer, 1, 10, 0.0), model=fresh)
+    _assert_same_optimizer(fresh_optimizer.state_dict(), optimizer.state_dict(), atol=0.0, rtol=0.0)
+
+
+def test_no_gpu_no_memory_metric():
+    assert parallel.peak_memory_gb(torch.device("cpu")) is None
+
+
+@pytest.fixture
+def single_process_group():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+def test_ddp_with_checkpointing_and_text_only_micro_batches(single_process_group):
+    """What ``wrap`` builds for DDP (without Ray's helper): checkpointing composes with unused-parameter search."""
+    batches = [_batch(40, images=False), _batch(41)]
+    reference = _prepare(_model(), ["all"], ac=False)
+    ref_optimizer, _ = build_optimizer(reference, OPTIM)
+    _train_step(reference, ref_optimizer, batches)
+    model = _prepare(_model(), ["all"], ac=True)
+    wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    optimizer, _ = build_optimizer(wrapped, OPTIM)
+    verify_optimizer_setup(wrapped, optimizer, ["all"])
+    _train_step(wrapped, optimizer, batches)
+    assert (
+        parallel.optimizer_state_for_checkpoint(wrapped, optimizer)["param_groups"]
+        == ref_optimizer.state_dict()["param_groups"]
+    )
+    _assert_same_states(parallel.model_state_for_checkpoint(wrapped), reference.state_dict(), atol=1e-6, rtol=1e-5)
