@@ -167,8 +167,9 @@ def run_sweep(sweep: SweepConfig, base: ExperimentConfig) -> list[TrialSummary]:
         "parent_run_id": parent,
         "keys": list(sweep.space),
     }
-    # The trial function only waits on its TorchTrainer: it holds no CPU, or trials would starve the workers.
-    trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup), {"cpu": 0})
+    # The trial function only waits on its TorchTrainer: it must hold no CPU, or it would starve the training
+    # workers and their data tasks (whole CPUs). Tune refuses an empty request, so ask for a little memory.
+    trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup), {"memory": 64 * 1024**2})
     path = f"{storage.rstrip('/')}/{sweep.name}"
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
@@ -236,7 +237,7 @@ def _summarise(grid: Any, sweep: SweepConfig, base: ExperimentConfig) -> list[Tr
                 iterations=iterations,
                 status="ERROR" if result.error else "TERMINATED",
                 stopped_early=result.error is None and not completed,
-                error=None if result.error is None else str(result.error).splitlines()[0][:300],
+                error=None if result.error is None else str(result.error)[-2000:],
             )
         )
     worst = float("inf") if sweep.mode == "min" else float("-inf")
