@@ -196,9 +196,10 @@ def encoded(
         fn_constructor_args=(config.tokenizer, config.template, config.max_length, tokens_per_image),
         batch_size=64,
         batch_format="numpy",
-        # Fractional CPUs: actors holding every CPU would starve the read tasks (ray_notes.md).
+        # No CPU reservation: tokenising is a few percent of the work, and actors holding CPUs starve the read
+        # and image tasks (ray_notes.md), the more so beside training workers on a small machine.
         compute=ray.data.ActorPoolStrategy(size=config.tokenizer_actors),
-        num_cpus=0.5,
+        num_cpus=0,
     )
     return dataset.map_batches(
         load_images,
