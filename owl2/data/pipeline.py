@@ -1,9 +1,16 @@
-"""The Ray Data pipeline: samples -> deterministic order -> tokens (actor pool) -> pixels (tasks) -> batches.
+"""The Ray Data pipeline: samples -> deterministic order -> tokens and pixels (actor pool) -> batches.
 
 ::
 
     read (per source) -> repeat by weight -> shard by rank -> resume filter -> sort by order key
-        -> Tokenize (actors: one tokenizer each)  -> LoadImages (tasks) -> iter_torch_batches(Collator)
+        -> blocks of ~32 MB of pixels -> Encode = Tokenize + load_images (actors, one per CPU)
+        -> iter_torch_batches(Collator)
+
+Speed (``benchmarks/ingest.py``): one fused actor stage, because tasks leave their CPU idle between one
+task and the next while an actor has its next block queued; blocks of ~32 MB of pixels, big enough that a
+call costs little next to its decoding, small enough to spread over the actors and bring the first batch
+early; pixels travel as a uint8 tensor column, which the consumer reads without a copy; the collate function
+copies each image once.
 
 Order: every sample copy gets a 63-bit key hashed from ``(seed, epoch, origin, copy)``; an epoch is the
 samples sorted by that key, so the order depends on nothing but the seed, the epoch and the data. A
@@ -33,7 +40,11 @@ from owl2.data.readers import read
 from owl2.data.sample import SkipStats, decode_messages
 
 ORDER_KEY = "order_key"
-# Columns that leave the pipeline for the training loop.
+# Blocks from the sort on hold about this many bytes of pixels (one image a row): 55 rows at 448 px, 222 at
+# 224 px. One Encode call takes one block: smaller blocks cost more per image (each is an actor call, an
+# Arrow conversion, an object-store put); bigger ones spread over fewer actors and delay the first batch.
+BLOCK_BYTES = 32 * 1024 * 1024
+# Columns that leave the pipeline for the training loop; ``pixels`` holds uint8 [num_images, 3, S, S] per row.
 ENCODED_COLUMNS = ("id", "source", ORDER_KEY, "input_ids", "labels", "pixels", "num_images", "error", "detail")
 
 
@@ -163,7 +174,7 @@ def load_images(batch: dict[str, np.ndarray], image_size: int, resize: str, max_
                     arrays.append(image_ops.resize(image, image_size, resize))
             except image_ops.BadImage as error:
                 errors[i], details[i], arrays = error.reason, str(error), []
-        pixels.append(np.stack(arrays).tobytes() if arrays else b"")
+        pixels.append(b"".join(arrays))  # = np.stack(arrays).tobytes(), without its two fresh copies
     return {
         **{name: batch[name] for name in ("id", "source", ORDER_KEY, "input_ids", "labels", "num_images")},
         "pixels": np.asarray(pixels, dtype=object),
@@ -191,22 +202,57 @@ def encoded(
         raise ValueError("data.tokenizer is empty: point it at a folder holding tokenizer.model")
     ray.data.DataContext.get_current().execution_options.preserve_order = True
     dataset = samples(config, epoch, rank, world_size, after_key)
-    dataset = dataset.map_batches(
-        Tokenize,
-        fn_constructor_args=(config.tokenizer, config.template, config.max_length, tokens_per_image),
-        batch_size=64,
+    # The sort leaves one block per input file: smaller blocks spread the work over the actors and stream (a
+    # streaming repartition: no shuffle, the order is kept).
+    dataset = dataset.repartition(target_num_rows_per_block=rows_per_block(config.image_size))
+    return dataset.map_batches(
+        Encode,
+        fn_constructor_args=(config, tokens_per_image),
+        batch_size=None,  # one block per call
         batch_format="numpy",
-        # No CPU reservation: tokenising is a few percent of the work, and actors holding CPUs starve the read
-        # and image tasks (ray_notes.md), the more so beside training workers on a small machine.
-        compute=ray.data.ActorPoolStrategy(size=config.tokenizer_actors),
+        compute=ray.data.ActorPoolStrategy(size=encode_actors(config, world_size)),
+        # No CPU reservation: actors holding CPUs starve the read and sort tasks of their own pipeline
+        # (ray_notes.md) or of another pipeline alive beside it (two training workers on 2 cores; validation
+        # while training's pipeline waits). The pool's size bounds the CPUs it uses.
         num_cpus=0,
     )
-    return dataset.map_batches(
-        load_images,
-        fn_kwargs={"image_size": config.image_size, "resize": config.resize, "max_pixels": config.max_image_pixels},
-        batch_size=16,
-        batch_format="numpy",
-    )
+
+
+def rows_per_block(image_size: int) -> int:
+    """Rows of the blocks that ``Encode`` takes one at a time: about ``BLOCK_BYTES`` of pixels."""
+    return max(16, min(1024, BLOCK_BYTES // (3 * image_size * image_size)))
+
+
+def encode_actors(config: DataConfig, world_size: int = 1) -> int:
+    """How many ``Encode`` actors one worker's pipeline runs: one per CPU of its share of the cluster.
+
+    ``world_size`` pipelines share the cluster's CPUs, less those the Ray Train workers hold; at least
+    ``data.tokenizer_actors``. On 2 CPUs: 2 actors, or 1 for each of two training workers.
+    """
+    context = ray.get_runtime_context()
+    held = context.get_assigned_resources().get("CPU", 0.0) if context.get_actor_id() else 0.0
+    share = ray.cluster_resources().get("CPU", 1.0) / max(world_size, 1) - held
+    return max(config.tokenizer_actors, int(share), 1)
+
+
+class Encode:
+    """Ray Data actor: :class:`Tokenize` then :func:`load_images`, fused.
+
+    One stage, so a block crosses the object store once, after its pixels exist, and each actor always has
+    its next block queued (tasks leave a CPU idle between one task and the next).
+    """
+
+    def __init__(self, config: DataConfig, tokens_per_image: int) -> None:
+        self.tokenize = Tokenize(config.tokenizer, config.template, config.max_length, tokens_per_image)
+        self.images = {"image_size": config.image_size, "resize": config.resize, "max_pixels": config.max_image_pixels}
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        out = load_images(self.tokenize(batch), **self.images)
+        # The pixels as uint8 arrays [n, 3, S, S] (views of the bytes): Arrow keeps them in a tensor column,
+        # which the consumer reads without a copy; a binary column is copied into Python bytes there.
+        side = self.images["image_size"]
+        out["pixels"] = _ragged([np.frombuffer(data, np.uint8).reshape(-1, 3, side, side) for data in out["pixels"]])
+        return out
 
 
 @dataclass
@@ -253,20 +299,25 @@ class Collator(NumpyBatchCollateFn):
         input_ids = torch.full((len(good), length), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(good), length), IGNORE_INDEX, dtype=torch.long)
         attention_mask = torch.zeros((len(good), length), dtype=torch.long)
-        pixels, counts = [], []
+        counts = [int(batch["num_images"][i]) for i in good]
         for row, i in enumerate(good):
             n = len(batch["input_ids"][i])
             input_ids[row, :n] = torch.from_numpy(np.array(batch["input_ids"][i], dtype=np.int64))
             labels[row, :n] = torch.from_numpy(np.array(batch["labels"][i], dtype=np.int64))
             attention_mask[row, :n] = 1
-            count = int(batch["num_images"][i])
-            counts.append(count)
+        # One copy of each row's bytes into the batch tensor: torch.cat of uint8 tensors is ~10x slower than
+        # this and runs in the consumer's process, which competes with the pipeline's workers for the CPUs.
+        side = self.image_size
+        images = torch.empty((sum(counts), 3, side, side), dtype=torch.uint8)
+        flat, size, offset = images.numpy().reshape(-1), 3 * side * side, 0
+        for i, count in zip(good, counts, strict=True):
             if count:
-                shape = (count, 3, self.image_size, self.image_size)
-                pixels.append(torch.frombuffer(bytearray(batch["pixels"][i]), dtype=torch.uint8).view(shape))
-        images = (
-            torch.cat(pixels) if pixels else torch.zeros((0, 3, self.image_size, self.image_size), dtype=torch.uint8)
-        )
+                data = batch["pixels"][i]  # uint8 [n, 3, S, S] from Encode, or load_images' bytes
+                data = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else np.ravel(data)
+                if data.size != count * size:
+                    raise ValueError(f"{batch['id'][i]}: {data.size} pixel bytes for {count} images of {side}px")
+                flat[offset * size : (offset + count) * size] = data
+                offset += count
         return Batch(
             input_ids=input_ids,
             attention_mask=attention_mask,
