@@ -1,10 +1,14 @@
-"""Sweep planning: which stages run once and which every trial runs, validated against the experiment."""
+"""Sweeps: stage planning validated against the experiment, then 2x2 and crash sweeps end to end on local Ray."""
 
 from pathlib import Path
 
+import mlflow
+import pytest
 import yaml
 
-from owl2.tune.sweep import load_sweep, plan_stages
+from owl2.config import load_experiment
+from owl2.data.synth import generate_world
+from owl2.tune.sweep import load_sweep, plan_stages, run_sweep
 
 SWEEPS = Path(__file__).resolve().parents[1] / "experiments" / "sweeps"
 
@@ -53,3 +57,78 @@ def test_stage_two_keys_share_stage_one(tmp_path):
         tmp_path / "decay.yaml", Path(tmp_path), "decay", {"stages.stage2.optim.layer_decay": {"grid": [0.8, 1.0]}}
     )
     assert sweep.space and base.stages["stage2"].max_steps == 6
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, monkeypatch_module):
+    root = tmp_path_factory.mktemp("sweep-world")
+    generate_world(root / "data" / "shapes_world", seed=1, num_train=40, num_heldout=8)
+    monkeypatch_module.chdir(root)  # the shipped YAMLs name data/shapes_world relative to the working directory
+    return root
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    with pytest.MonkeyPatch.context() as patch:
+        yield patch
+
+
+def _client(root):
+    return mlflow.MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
+
+
+@pytest.mark.slow
+def test_two_by_two_grid_tracks_every_trial_and_writes_the_best_config(ray_cluster, world, tmp_path):
+    # A learning rate too small to learn is a constructed laggard: ASHA must stop at least one of its trials.
+    sweep, base = _stage2_sweep(
+        tmp_path / "grid.yaml",
+        world,
+        "grid",
+        {"stages.stage2.optim.lr": {"grid": [3.0e-3, 1.0e-9]}, "stages.stage2.optim.layer_decay": {"grid": [0.8, 1.0]}},
+        max_concurrent_trials=2,
+    )
+    summaries = run_sweep(sweep, base)
+
+    assert len(summaries) == 4 and all(s.status == "TERMINATED" for s in summaries)
+    assert {(s.values["stages.stage2.optim.lr"], s.values["stages.stage2.optim.layer_decay"]) for s in summaries} == {
+        (3e-3, 0.8),
+        (3e-3, 1.0),
+        (1e-9, 0.8),
+        (1e-9, 1.0),
+    }
+    metrics = [s.metric for s in summaries]
+    assert all(m is not None for m in metrics) and metrics == sorted(metrics)
+    assert summaries[0].values["stages.stage2.optim.lr"] == 3e-3
+    assert any(s.stopped_early for s in summaries if s.values["stages.stage2.optim.lr"] == 1e-9)
+
+    client = _client(world)
+    experiment = client.get_experiment_by_name("owl2-tiny-cpu-sweeps")
+    runs = client.search_runs([experiment.experiment_id])
+    parent = next(r for r in runs if r.info.run_name == sweep.name)
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    trials = [r for r in children if r.info.run_name != f"{sweep.name}-shared"]
+    assert len(trials) == 4 and len(children) == 5  # one shared stage-1 run, then one run per trial
+    for trial in trials:
+        assert {"sweep.stages.stage2.optim.lr", "sweep.stages.stage2.optim.layer_decay"} <= set(trial.data.params)
+        assert trial.data.tags["owl2.stopped_early"] in ("true", "false")
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"summary.json", "summary.txt", "best.yaml"} <= artifacts
+
+    best = load_experiment(world / "runs" / sweep.name / "best.yaml")
+    assert best.stages["stage2"].optim.lr == 3e-3
+    assert best.stages["stage2"].optim.layer_decay == summaries[0].values["stages.stage2.optim.layer_decay"]
+
+
+@pytest.mark.slow
+def test_a_crashing_trial_is_retried_and_does_not_stop_the_sweep(ray_cluster, world, tmp_path):
+    sweep, base = _stage2_sweep(
+        tmp_path / "crash.yaml",
+        world,
+        "crash",
+        {"stages.stage2.optim.lr": {"grid": [3.0e-3, 1.0e6]}},  # the second diverges: NaN loss, then a crash
+        max_concurrent_trials=1,
+        trial_max_failures=1,
+    )
+    summaries = {s.values["stages.stage2.optim.lr"]: s for s in run_sweep(sweep, base)}
+    assert summaries[3e-3].status == "TERMINATED" and not summaries[3e-3].stopped_early
+    assert summaries[1e6].status == "ERROR" and "NaN/inf" in summaries[1e6].error

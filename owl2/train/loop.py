@@ -3,6 +3,10 @@
 Ray-specific lines are marked ``# Ray``. Each worker builds its own shard of the Ray Data pipeline
 (``pipeline.encoded(..., rank, world_size, after_key)``): the shard and its order are functions of the
 seed and epoch, so a restart continues exactly after the last sample a checkpoint recorded.
+
+A stage may also compute a held-out ``val_loss`` (``validation``: every worker, every ``validation.every``
+steps) and, at checkpoint steps, answer a small benchmark suite by generation (``eval``: rank 0 only, see
+:mod:`owl2.train.evaluate`); both join that step's report.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from owl2.data.pipeline import Collator, encoded, iterate
 from owl2.data.sample import SkipStats
 from owl2.train import checkpoint as ckpt
 from owl2.train import parallel
+from owl2.train.evaluate import CheckpointEval, log_outcome
 from owl2.train.optim import (
     apply_trainable,
     build_optimizer,
@@ -32,6 +37,7 @@ from owl2.train.optim import (
     warmup_cosine,
 )
 from owl2.train.progress import emit
+from owl2.train.validate import HeldOut, should_validate
 
 
 def initial_model(init: ModelInitConfig, seed: int) -> Any:
@@ -130,6 +136,15 @@ def train_stage(loop_config: dict[str, Any]) -> None:
     # ------------------------------------------------------------------ fit
     window = {"loss": 0.0, "micro": 0, "samples": 0, "tokens": 0, "images": 0, "start": time.perf_counter()}
     stream = batches()
+    stage_index = list(experiment.stages).index(stage_name)
+    val_loss: float | None = None
+    held_out = (
+        HeldOut(stage.validation, spec.tokens_per_image, spec.decoder.pad_token_id, rank, world_size)
+        if stage.validation is not None
+        else None
+    )
+    # Generation-based scores (stage.eval) on rank 0 only: the config refuses them under FSDP2.
+    evaluator = CheckpointEval(stage) if stage.eval is not None and rank == 0 else None
     while state.step < stage.max_steps:
         optimizer.zero_grad(set_to_none=True)
         finite = True
@@ -173,7 +188,22 @@ def train_stage(loop_config: dict[str, Any]) -> None:
             window.update(loss=0.0, micro=0, samples=0, tokens=0, images=0, start=time.perf_counter())
         else:
             metrics = None
-        if state.step % stage.checkpoint_every == 0 or state.step == stage.max_steps:
+        checkpointing = state.step % stage.checkpoint_every == 0 or state.step == stage.max_steps
+        if held_out is not None and (metrics is not None or checkpointing):
+            # Every report carries val_loss (the last value between evaluations): Tune's schedulers need it.
+            if should_validate(state.step, stage.max_steps, stage.validation) or val_loss is None:
+                val_loss = held_out.loss(wrapped, device, dtype)
+            metrics = {**(metrics or {"step": state.step}), "val_loss": val_loss}
+        if checkpointing and evaluator is not None and evaluator.due(state.step):
+            # The other ranks go on to the checkpoint and wait in its first collective meanwhile.
+            outcome = evaluator.run(unwrap(wrapped), state.step, dtype)
+            metrics = {**(metrics or {"step": state.step}), **outcome.metrics}
+            if tracker is not None:
+                log_outcome(tracker, loop_config["run_id"], outcome, stage.eval.suite)
+            emit(loop_config.get("progress"), f"[{stage_name}] {outcome.headline}")
+        if metrics is not None:
+            metrics["stage_index"] = stage_index
+        if checkpointing:
             _checkpoint(loop_config, wrapped, optimizer, scheduler, state, epoch, last_key, metrics, tracker, rank)
             _crash_for_tests(loop_config, state.step)
         elif metrics is not None:

@@ -106,22 +106,42 @@ def _param_space(sweep: SweepConfig) -> dict[str, Any]:
 
 def _trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     """One trial: the base experiment with the sampled values, run as Ray Train runs (``TorchTrainer``)."""
+    import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
-
-    from owl2.train.trainer import run_experiment
 
     base = build(ExperimentConfig, setup["base"])
     experiment = apply_sample(base, config)
     experiment.name = f"{setup['sweep']}-{tune.get_context().get_trial_id()}"
     if setup["shared_checkpoint"]:
         experiment.stages[setup["trial_stages"][0]].init_from = setup["shared_checkpoint"]
+    # Ray: the trial runs in a placement group that captures child tasks, and Train V2 passes that on to its
+    # workers, whose Ray Data tasks (1 CPU each) then no longer fit their worker's bundle. Started from a task
+    # that leaves the placement group, Train behaves as outside Tune. The task fate-shares with the trial, so
+    # a trial that ASHA stops takes its Train run down with it.
+    leave_placement_group = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy="DEFAULT")
+    ray.get(
+        leave_placement_group(_run_trial).remote(
+            experiment,
+            setup["trial_stages"],
+            setup["parent_run_id"],
+            {"sweep": {key: config[key] for key in setup["keys"]}},
+            TuneReportCallback(),  # Ray: forward Train reports to Tune (built here, in the Tune session)
+        )
+    )
+
+
+def _run_trial(
+    experiment: ExperimentConfig, stages: list[str], parent_run_id: str, extra_params: dict[str, Any], report: Any
+) -> None:
+    from owl2.train.trainer import run_experiment
+
     run_experiment(
         experiment,
-        stages=setup["trial_stages"],
-        parent_run_id=setup["parent_run_id"],
-        extra_params={"sweep": {key: config[key] for key in setup["keys"]}},
-        callbacks=[TuneReportCallback()],  # Ray: forward Train reports to Tune
+        stages=stages,
+        parent_run_id=parent_run_id,
+        extra_params=extra_params,
+        callbacks=[report],
         progress=False,
     )
 
@@ -194,6 +214,8 @@ def run_sweep(sweep: SweepConfig, base: ExperimentConfig) -> list[TrialSummary]:
                 search_alg=_search_algorithm(sweep),
                 num_samples=sweep.num_samples,
                 max_concurrent_trials=sweep.max_concurrent_trials,
+                # The trial's folder is its id, which also names its MLflow run (see _trial).
+                trial_dirname_creator=lambda trial: trial.trial_id,
             ),
             run_config=tune.RunConfig(  # Ray
                 name=sweep.name,
