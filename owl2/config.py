@@ -303,7 +303,8 @@ class DataConfig:
     min_records_for_check: int = 200
     seed: int = 0
     tokenizer_actors: int = 1
-    """Actors that tokenise (each loads the tokenizer once)."""
+    """At least this many ``Encode`` actors (tokenise + decode) per worker's pipeline; by default one per CPU of the
+    worker's share of the cluster."""
 
     def __post_init__(self) -> None:
         _check(
@@ -378,6 +379,43 @@ class ValidationConfig:
         _check(bool(self.data.sources), "validation.data.sources is empty: name the held-out data")
 
 
+EVAL_SUITES = ("shapes", "vqa", "mmbench", "mme", "captions")
+"""The suites of ``owl2 eval`` (:mod:`owl2.eval.runner`), named here so that configs validate without torch."""
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """Benchmark scores of generated answers during a stage: an ``owl2 eval`` suite on its first few items, run
+    by the rank-0 worker at checkpoint steps and logged as ``eval/<metric>`` (e.g. ``eval/shapes/vqa/accuracy``)
+    on the stage's MLflow run, with the predictions and a table as artifacts. DDP only (not FSDP2 yet)."""
+
+    suite: str = "shapes"
+    """``shapes`` (the synthetic world's held-out VQA against chance, captions, text), ``vqa``, ``mmbench``,
+    ``mme`` or ``captions``."""
+    data: str | None = None
+    """The benchmark's file or folder (for ``shapes`` the world folder; None: the world whose ``tokenizer``
+    folder the stage's data uses)."""
+    image_root: str | None = None
+    """Folder that relative image paths are under (``vqa``, ``captions``; default: beside the file)."""
+    every: int | None = None
+    """Evaluate at the checkpoint steps that are multiples of this (a multiple of ``checkpoint_every``) and at
+    the end of the stage; None: at every checkpoint."""
+    limit: int = 32
+    """Items per split (the first ones: the same items every time)."""
+    batch_size: int = 8
+    """Prompts generated together."""
+
+    def __post_init__(self) -> None:
+        _check(self.suite in EVAL_SUITES, f"eval.suite {self.suite!r} must be one of {list(EVAL_SUITES)}")
+        _check(
+            self.suite == "shapes" or bool(self.data),
+            f"eval.data is empty: the {self.suite} suite needs the benchmark's file or folder",
+        )
+        _check(self.every is None or self.every > 0, f"eval.every must be positive, got {self.every}")
+        _check(self.limit > 0, f"eval.limit must be positive, got {self.limit}")
+        _check(self.batch_size > 0, f"eval.batch_size must be positive, got {self.batch_size}")
+
+
 @dataclasses.dataclass
 class StageConfig:
     """One training stage: what trains, on which data, at which resolution, for how long."""
@@ -410,6 +448,8 @@ class StageConfig:
     section's initial weights for the first stage."""
     validation: ValidationConfig | None = None
     """Held-out loss (``val_loss``) every ``validation.every`` steps; None: no validation."""
+    eval: EvalConfig | None = None
+    """A small benchmark suite answered by generation at checkpoint steps (``eval/...`` metrics); None: none."""
 
     def __post_init__(self) -> None:
         _check(bool(self.trainable), "stage trainable must name at least one part (or 'all')")
@@ -532,6 +572,18 @@ class ExperimentConfig:
                 stage.strategy != "fsdp" or self.resources.use_gpu,
                 f"{where}.strategy fsdp needs GPU workers (resources.use_gpu: true)",
             )
+            if stage.eval is not None:
+                _check(
+                    stage.eval.every is None or stage.eval.every % stage.checkpoint_every == 0,
+                    f"{where}.eval.every ({stage.eval.every}) must be a multiple of {where}.checkpoint_every "
+                    f"({stage.checkpoint_every}): the suite runs at checkpoint steps",
+                )
+                _check(
+                    stage.strategy != "fsdp",
+                    f"{where}.eval is not supported with {where}.strategy fsdp yet: generation runs on the rank-0 "
+                    "worker alone, while FSDP2 needs every worker in each forward pass; use ddp, or evaluate the "
+                    "stage's checkpoints with `owl2 eval`",
+                )
 
     def gradient_accumulation(self, stage: str) -> int:
         config = self.stages[stage]
@@ -686,7 +738,19 @@ def build(cls: type[T], data: dict[str, Any] | None, where: str = "") -> T:
     if unknown:
         raise ConfigError(f"unknown field(s) {[_join(where, k) for k in unknown]}; valid: {sorted(fields)}")
     kwargs = {name: _coerce(hints[name], value, _join(where, name)) for name, value in data.items()}
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError as error:
+        raise _qualified(error, where) from None
+
+
+def _qualified(error: ConfigError, where: str) -> ConfigError:
+    """A section's own message (``eval.every must ...``) with the section's full key (``stages.s2.eval.every``)."""
+    section = where.rsplit(".", 1)[-1]
+    message = str(error)
+    if "." not in where or not message.startswith(f"{section}."):
+        return error
+    return ConfigError(where + message[len(section) :])
 
 
 def _join(where: str, name: str) -> str:

@@ -1,6 +1,7 @@
 """Typed configs: presets, official config.json, overrides and actionable validation errors."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -84,3 +85,67 @@ def test_exponent_without_a_dot_is_still_a_float():
     assert build(OptimConfig, {"lr": "3e-3"}).lr == 0.003
     with pytest.raises(ConfigError, match="optim.lr must be float, got 'fast'"):
         build(OptimConfig, {"lr": "fast"}, "optim")
+
+
+# --------------------------------------------------------------------------------------------------
+# A stage's eval section (benchmark scores at checkpoint steps)
+# --------------------------------------------------------------------------------------------------
+
+PIPELINE = Path(__file__).resolve().parents[1] / "experiments" / "tiny_cpu" / "pipeline.yaml"
+
+
+def test_eval_section_from_overrides_with_defaults():
+    from owl2.config import EvalConfig, load_experiment
+
+    experiment = load_experiment(PIPELINE, ["stages.stage2.eval.limit=16"])
+    assert experiment.stages["stage1"].eval is None
+    assert experiment.stages["stage2"].eval == EvalConfig(suite="shapes", data=None, every=None, limit=16)
+    assert build(type(experiment), to_dict(experiment)) == experiment
+    vqa = ["stages.stage2.eval.every=80", "stages.stage2.eval.suite=vqa", "stages.stage2.eval.data=vqa.jsonl"]
+    stage = load_experiment(PIPELINE, vqa).stages["stage2"]
+    assert (stage.eval.every, stage.eval.data) == (80, "vqa.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["stages.stage2.eval.suite=shape"],
+            r"stages.stage2.eval.suite 'shape' must be one of \['shapes', 'vqa', 'mmbench', 'mme', 'captions'\]",
+        ),
+        (["stages.stage2.eval.every=0"], r"stages.stage2.eval.every must be positive, got 0"),
+        (["stages.stage2.eval.limit=-1"], r"stages.stage2.eval.limit must be positive"),
+        (["stages.stage2.eval.batch_size=0"], r"stages.stage2.eval.batch_size must be positive"),
+        (["stages.stage2.eval.suite=mme"], r"stages.stage2.eval.data is empty: the mme suite needs"),
+        (["stages.stage2.eval.limti=4"], r"unknown field\(s\) \['stages.stage2.eval.limti'\]"),
+        (
+            ["stages.stage2.eval.every=60"],
+            r"stages.stage2.eval.every \(60\) must be a multiple of stages.stage2.checkpoint_every \(40\)",
+        ),
+        (
+            ["stages.stage2.eval.limit=4", "stages.stage2.strategy=fsdp", "resources.use_gpu=true"],
+            r"stages.stage2.eval is not supported with stages.stage2.strategy fsdp yet",
+        ),
+    ],
+)
+def test_eval_section_errors_name_the_key(overrides, message):
+    from owl2.config import load_experiment
+
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(PIPELINE, overrides)
+
+
+def test_nested_section_errors_name_the_full_key():
+    from owl2.config import load_experiment
+
+    with pytest.raises(ConfigError, match=r"^stages.stage1.validation.every must be positive"):
+        load_experiment(PIPELINE, ["stages.stage1.validation.every=0"])
+    with pytest.raises(ConfigError, match=r"^stages.stage2.data.resize 'squash' must be one of"):
+        load_experiment(PIPELINE, ["stages.stage2.data.resize=squash"])
+
+
+def test_eval_suites_are_the_runners():
+    from owl2.config import EVAL_SUITES
+    from owl2.eval.runner import SUITES
+
+    assert EVAL_SUITES == SUITES

@@ -25,11 +25,16 @@ from owl2.tracking import PARENT_RUN_TAG, Tracker
 EXPERIMENT = "owl2-eval-tests"
 
 
-def write_tiny_checkpoint(folder: Path, world: Path) -> Path:
-    """A random debug-size model over the world's 512-piece tokenizer, saved as an owl2 training checkpoint."""
+def tiny_model() -> Owl2ForCausalLM:
+    """A random debug-size model (56 px images) over the world's 512-piece tokenizer."""
     spec = ModelConfig.from_preset("debug", {"decoder": {"vocab_size": 512}, "vision": {"image_size": 56}})
     torch.manual_seed(0)
-    Owl2ForCausalLM(Owl2Config.from_spec(spec)).save_pretrained(folder)
+    return Owl2ForCausalLM(Owl2Config.from_spec(spec))
+
+
+def write_tiny_checkpoint(folder: Path, world: Path) -> Path:
+    """:func:`tiny_model` saved as an owl2 training checkpoint."""
+    tiny_model().save_pretrained(folder)
     experiment = {
         "name": "tiny-eval",
         "tracking": {"experiment": EXPERIMENT, "tracking_uri": ""},
@@ -346,3 +351,86 @@ def test_released_layout_gets_a_top_level_eval_run(ray_cluster, checkpoint, worl
     assert PARENT_RUN_TAG not in run.data.tags
     assert run.data.params["template"] == "mplug_owl2"
     assert set(result.metrics) >= {"shapes/vqa/accuracy", "shapes/captions/cider", "shapes/text/exact_match"}
+
+
+# --------------------------------------------------------------------------------------------------
+# Evaluation during training (a stage's eval section, owl2.train.evaluate)
+# --------------------------------------------------------------------------------------------------
+
+
+def _stage_with_eval(world, **eval_section):
+    from owl2.config import StageConfig, build
+
+    data = {
+        "sources": [{"format": "captions", "path": str(world / "captions" / "train.jsonl")}],
+        "tokenizer": str(world / "tokenizer"),
+        "image_size": 56,
+    }
+    section = {"limit": 3, "batch_size": 4, **eval_section}
+    return build(
+        StageConfig,
+        {"image_size": 56, "data": data, "max_steps": 10, "optim": {"warmup_steps": 1}, "eval": section},
+        "stage2",
+    )
+
+
+def test_checkpoint_eval_scores_the_shapes_suite_and_restores_train_mode(world, tmp_path):
+    from owl2.train.evaluate import CheckpointEval
+
+    # No eval.data: the world is the one whose tokenizer the stage trains with, as `owl2 eval` finds it.
+    evaluator = CheckpointEval(_stage_with_eval(world, every=4))
+    assert [step for step in range(1, 11) if evaluator.due(step)] == [4, 8, 10]
+    model = tiny_model()
+    model.train()
+    outcome = evaluator.run(model, step=4)
+    assert model.training and all(param.grad is None for param in model.parameters())
+
+    metrics = outcome.metrics
+    assert 0.0 <= metrics["eval/shapes/vqa/accuracy"] <= 1.0
+    assert {"eval/shapes/captions/cider", "eval/shapes/text/exact_match", "eval/time_s"} <= set(metrics)
+    assert all(key.startswith("eval/") for key in metrics)
+    assert len(outcome.records) == len(evaluator.items()) == 3 + 3 + 3  # limit per split: vqa, captions, text
+    assert all(isinstance(record["prediction"], str) for record in outcome.records)
+    assert outcome.headline.startswith("eval shapes step 4: shapes/vqa/accuracy ")
+    assert "shapes/captions/cider" in outcome.headline and "(chance " in outcome.headline
+
+    # The predictions file is the `owl2 eval` one: it re-scores to the same metrics.
+    path = outcome.write_predictions(tmp_path / "predictions.jsonl")
+    rescored = score("shapes", read_predictions(path), {"text": 0})
+    assert {f"eval/{row.metric}": row.value for row in rescored} == pytest.approx(
+        {key: value for key, value in metrics.items() if key != "eval/time_s"}
+    )
+    assert re.search(r"^shapes/vqa/accuracy\s+\d\.\d{4}\s+\d\.\d{4}\s+3$", outcome.table(), re.M)
+    # The suite is read once per stage and reused.
+    assert evaluator.items() is evaluator.items()
+
+
+def test_checkpoint_eval_logs_artifacts_to_the_stage_run(world, mlflow_uri):
+    from owl2.train.evaluate import CheckpointEval, log_outcome
+
+    evaluator = CheckpointEval(_stage_with_eval(world, data=str(world), limit=1))
+    assert all(evaluator.due(step) for step in range(1, 11))  # no eval.every: at every checkpoint
+    outcome = evaluator.run(tiny_model(), step=2)
+    tracker = Tracker(mlflow_uri)
+    run_id = tracker.start_run("stage-with-eval", EXPERIMENT)
+    log_outcome(tracker, run_id, outcome, "shapes")
+    artifacts = {a.path for a in tracker.client.list_artifacts(run_id, "eval/step_000002")}
+    assert artifacts == {
+        "eval/step_000002/shapes_predictions.jsonl",
+        "eval/step_000002/eval_table.txt",
+        "eval/step_000002/metrics.json",
+    }
+
+
+def test_trainer_checks_the_eval_suite_before_workers_start(world, tmp_path):
+    from owl2.config import ConfigError, ExperimentConfig
+    from owl2.train.trainer import check_evals, resolve_paths
+
+    stage = _stage_with_eval(world, suite="vqa", data="missing/vqa.jsonl", image_root="images")
+    experiment = resolve_paths(ExperimentConfig(stages={"stage2": stage}), base=tmp_path)
+    assert stage.eval.data == str(tmp_path / "missing" / "vqa.jsonl") and stage.eval.image_root == str(
+        tmp_path / "images"
+    )
+    with pytest.raises(ConfigError, match="stages.stage2.eval: "):
+        check_evals(experiment)
+    check_evals(experiment, stages=["stage1"])  # a stage that does not run is not checked

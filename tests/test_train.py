@@ -57,7 +57,8 @@ def _weights(result):
 
 
 def test_two_stage_pipeline_tracks_both_stages_and_raises_resolution(ray_cluster, world):
-    results = run_experiment(_experiment(world, "pipeline"))
+    # Stage 2 also answers the first items of the world's held-out suite at its checkpoint (rank 0).
+    results = run_experiment(_experiment(world, "pipeline", "stages.stage2.eval.limit=4"))
     assert [r.stage for r in results] == ["stage1", "stage2"]
     assert [_state(r)["step"] for r in results] == [4, 2]
 
@@ -88,6 +89,16 @@ def test_two_stage_pipeline_tracks_both_stages_and_raises_resolution(ray_cluster
         assert any(key.startswith("lr/vision.layer_") for key in run.data.metrics)
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"param_groups.json", "param_groups.txt"} <= artifacts
+
+    # The eval section: metrics at the checkpoint step in MLflow and in Ray Train's report, predictions as artifacts.
+    stage2_run = children["stage2"].info.run_id
+    accuracy = client.get_metric_history(stage2_run, "eval/shapes/vqa/accuracy")
+    assert [m.step for m in accuracy] == [2] and 0.0 <= accuracy[0].value <= 1.0
+    assert {"eval/shapes/captions/cider", "eval/shapes/text/exact_match"} <= set(children["stage2"].data.metrics)
+    assert results[1].metrics["eval/shapes/vqa/accuracy"] == pytest.approx(accuracy[0].value)
+    assert not any(key.startswith("eval/") for key in children["stage1"].data.metrics)
+    eval_artifacts = {a.path for a in client.list_artifacts(stage2_run, "eval/step_000002")}
+    assert {"eval/step_000002/shapes_predictions.jsonl", "eval/step_000002/eval_table.txt"} <= eval_artifacts
 
 
 def _tracking_uri(world):

@@ -51,6 +51,9 @@ def resolve_paths(experiment: ExperimentConfig, base: Path | None = None) -> Exp
                 paths = source.path
                 source.path = [absolute(p) for p in paths] if isinstance(paths, list) else absolute(paths)
                 source.image_root = absolute(source.image_root)
+        if stage.eval is not None:
+            stage.eval.data = absolute(stage.eval.data)
+            stage.eval.image_root = absolute(stage.eval.image_root)
     return experiment
 
 
@@ -69,6 +72,18 @@ def check_tokenizers(experiment: ExperimentConfig) -> None:
                 f"stages.{name}.data.tokenizer has {size} tokens but the model's vocabulary has {vocab}: set "
                 f"model.overrides.decoder.vocab_size >= {size} or use the model's own tokenizer"
             )
+
+
+def check_evals(experiment: ExperimentConfig, stages: list[str] | None = None) -> None:
+    """Each stage's eval suite must load, with its local images present: checked before any worker starts."""
+    from owl2.train.evaluate import CheckpointEval
+
+    for name, stage in experiment.stages.items():
+        if stage.eval is not None and (not stages or name in stages):
+            try:
+                CheckpointEval(stage).items()
+            except (FileNotFoundError, ValueError) as error:
+                raise ConfigError(f"stages.{name}.eval: {error}") from error
 
 
 def run_experiment(
@@ -95,6 +110,7 @@ def run_experiment(
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; the experiment defines {list(experiment.stages)}")
     check_tokenizers(experiment)
+    check_evals(experiment, stages)
     ensure_ray()
 
     config_yaml = yaml.safe_dump(to_dict(experiment), sort_keys=False)

@@ -1,0 +1,154 @@
+"""Benchmark scores during training: a stage's ``eval`` suite, answered by generation at checkpoint steps.
+
+The rank-0 worker runs it on the bare model (inside DDP) between the optimizer step and the checkpoint;
+the other workers go on and wait in the checkpoint's first collective. Everything but the loop itself is
+:mod:`owl2.eval`'s: the suite's items and prompts, image loading, generation and scoring.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from owl2.config import StageConfig
+from owl2.eval import benchmarks, runner
+from owl2.eval.benchmarks import EvalItem
+from owl2.eval.generate import ModelSource, generate_items, prediction_record
+
+METRIC_PREFIX = "eval/"
+
+
+@dataclass
+class EvalOutcome:
+    """One evaluation: ``metrics`` are named ``eval/<suite metric>`` and include ``eval/time_s``."""
+
+    step: int
+    metrics: dict[str, float]
+    rows: list[runner.Row]
+    records: list[dict[str, Any]]
+    headline: str
+
+    def write_predictions(self, path: str | Path) -> Path:
+        """The predictions as ``owl2 eval`` writes them (one JSON record per line; :func:`runner.read_predictions`)."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as file:
+            for record in self.records:
+                file.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
+        return path
+
+    def table(self, title: str = "") -> str:
+        return runner.format_table(self.rows, title)
+
+
+class CheckpointEval:
+    """A stage's ``eval`` section: which steps evaluate, the suite's items (read once) and one evaluation."""
+
+    def __init__(self, stage: StageConfig) -> None:
+        if stage.eval is None:
+            raise ValueError("the stage has no eval section")
+        self.stage = stage
+        self.config = stage.eval
+        # What inference needs besides the weights, as ``owl2 eval`` describes a checkpoint this stage writes.
+        self.source = ModelSource(
+            checkpoint="",
+            tokenizer=stage.data.tokenizer,
+            template=stage.data.template,
+            image_token_at_front=True,
+            resize=stage.data.resize,
+        )
+        self._items: list[EvalItem] | None = None
+        self._chance: dict[str, float] | None = None
+        self._tokenizer: Any = None
+
+    def due(self, step: int) -> bool:
+        """Whether the checkpoint of ``step`` evaluates: multiples of ``every``, and always the stage's last step."""
+        every = self.config.every
+        return step == self.stage.max_steps or every is None or step % every == 0
+
+    def items(self) -> list[EvalItem]:
+        """The suite's first ``limit`` items (per split), read on first use; local images must exist."""
+        if self._items is None:
+            config = self.config
+            items = runner.load_suite(
+                config.suite, config.data, image_root=config.image_root, limit=config.limit, source=self.source
+            )
+            if not items:
+                raise ValueError(f"the {config.suite} suite has no items (data: {config.data})")
+            runner.check_local_images(items)
+            if config.suite == "shapes":
+                world = benchmarks.load_world(runner.world_root(self.source, config.data))
+                order = [*world["question_types"], *world["chance"]]  # the table follows the world's order
+                self._chance = {kind: world["chance"][kind] for kind in order if kind in world["chance"]}
+            self._items = items
+        return self._items
+
+    def tokenizer(self) -> Any:
+        if self._tokenizer is None:
+            from owl2.model.tokenizer import load_tokenizer
+
+            self._tokenizer = load_tokenizer(self.stage.data.tokenizer)
+        return self._tokenizer
+
+    def run(self, model: torch.nn.Module, step: int, dtype: torch.dtype = torch.float32) -> EvalOutcome:
+        """Answer and score the suite with ``model`` (the bare model, not its DDP wrapper) in eval mode under
+        ``no_grad`` (bf16 autocast when ``dtype`` is bfloat16, as training computes); its mode is restored."""
+        items, tokenizer = self.items(), self.tokenizer()
+        start = time.perf_counter()
+        was_training = model.training
+        model.eval()
+        try:
+            with (
+                torch.no_grad(),
+                torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16),
+            ):
+                replies = generate_items(
+                    model,
+                    tokenizer,
+                    items,
+                    self.config.batch_size,
+                    chat_template=self.stage.data.template,
+                    image_token_at_front=True,
+                    resize=self.stage.data.resize,
+                    image_size=self.stage.image_size,
+                )
+        finally:
+            model.train(was_training)
+        seconds = time.perf_counter() - start
+        records = [prediction_record(item, reply) for item, reply in zip(items, replies, strict=True)]
+        rows = runner.score(self.config.suite, records, self._chance)
+        metrics = {METRIC_PREFIX + row.metric: row.value for row in rows}
+        metrics[METRIC_PREFIX + "time_s"] = seconds
+        return EvalOutcome(step, metrics, rows, records, self._headline(rows, step, len(items), seconds))
+
+    def _headline(self, rows: list[runner.Row], step: int, count: int, seconds: float) -> str:
+        """The first metric of each kind of item (e.g. VQA accuracy, caption CIDEr), with chance where known."""
+        suite = self.config.suite
+        first: dict[str, runner.Row] = {}
+        for row in rows:
+            parts = row.metric.split("/")
+            first.setdefault(parts[1] if suite == "shapes" and len(parts) > 2 else parts[0], row)
+        shown = [
+            f"{row.metric} {row.value:.4f}" + (f" (chance {row.chance:.4f})" if row.chance is not None else "")
+            for row in first.values()
+        ]
+        scores = "  ".join(shown) if shown else "no reference answers"
+        return f"eval {suite} step {step}: {scores}  [{count} items, {seconds:.1f}s]"
+
+
+def log_outcome(tracker: Any, run_id: str, outcome: EvalOutcome, suite: str) -> None:
+    """The predictions JSONL, the table and the rows as artifacts of the stage's run, under ``eval/step_<n>/``
+    (the metrics go with the step's report)."""
+    import tempfile
+
+    folder = f"eval/step_{outcome.step:06d}"
+    with tempfile.TemporaryDirectory() as scratch:
+        path = outcome.write_predictions(Path(scratch) / f"{suite}_predictions.jsonl")
+        tracker.client.log_artifact(run_id, str(path), folder)
+    tracker.log_text(run_id, outcome.table(f"{suite} at step {outcome.step}") + "\n", f"{folder}/eval_table.txt")
+    tracker.log_dict(run_id, {row.metric: vars(row) for row in outcome.rows}, f"{folder}/metrics.json")
