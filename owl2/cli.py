@@ -6,6 +6,7 @@ Subcommands import their heavy dependencies lazily, so ``owl2 --help`` and confi
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -20,11 +21,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``owl2`` command line; returns the process exit code."""
     parser = _build_parser()
     args = parser.parse_args(argv)
+    _quiet_mlflow()
     try:
         return args.handler(args)
     except (ConfigError, FileNotFoundError) as error:
         print(f"owl2: error: {error}", file=sys.stderr)
         return USAGE_ERROR
+
+
+def _quiet_mlflow() -> None:
+    # The command's own lines carry the progress; MLflow's INFO lines (database set-up) would bury them.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 def _build_parser() -> argparse.ArgumentParser:
@@ -34,6 +41,12 @@ def _build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="run an experiment's training stages on Ray Train")
     add_train_arguments(train)
     train.set_defaults(handler=run_train)
+
+    demo = commands.add_parser(
+        "demo", help="the whole pipeline on this CPU: synthetic data, two training stages, evaluation, MLflow"
+    )
+    add_demo_arguments(demo)
+    demo.set_defaults(handler=run_demo_command)
 
     sweep = commands.add_parser("sweep", help="run a Ray Tune sweep whose trials are training runs")
     add_sweep_arguments(sweep)
@@ -129,11 +142,26 @@ def job_entrypoint(description: str, add_arguments: Any, run: Any, argv: Sequenc
     """``main`` of a ``ray_jobs/`` script: the CLI command's options and behaviour, as a standalone program."""
     parser = argparse.ArgumentParser(description=description)
     add_arguments(parser)
+    _quiet_mlflow()
     try:
         return run(parser.parse_args(argv))
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``owl2 demo``, shared with ``ray_jobs/demo.py``."""
+    parser.add_argument("--out", default="owl2-demo", help="folder for the data, runs and summary.json")
+    parser.add_argument("--quick", action="store_true", help="a few steps only (checks the plumbing, learns little)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="experiment overrides")
+
+
+def run_demo_command(args: argparse.Namespace) -> int:
+    from owl2.demo import run_demo
+
+    run_demo(args.out, quick=args.quick, overrides=list(args.overrides))
+    return 0
 
 
 def add_sweep_arguments(parser: argparse.ArgumentParser) -> None:

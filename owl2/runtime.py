@@ -29,3 +29,5 @@ def ensure_ray(address: str | None = None, quiet: bool = True, **init_kwargs: An
         context.print_on_execution_start = False
         for name in ("ray", "ray.data", "ray.train", "ray.tune"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        # Its only message says that the progress bars just turned off are off.
+        logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)

@@ -111,6 +111,7 @@ def test_two_by_two_grid_tracks_every_trial_and_writes_the_best_config(ray_clust
     for trial in trials:
         assert {"sweep.stages.stage2.optim.lr", "sweep.stages.stage2.optim.layer_decay"} <= set(trial.data.params)
         assert trial.data.tags["owl2.stopped_early"] in ("true", "false")
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]  # stopped trials end their stage runs
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.json", "summary.txt", "best.yaml"} <= artifacts
 

@@ -287,7 +287,13 @@ def _record(
             if summary.metric is not None:
                 tracker.log_metrics(run_id, {f"best_{sweep.metric}": summary.metric}, step=0)
             if summary.stopped_early or summary.status == "ERROR":
-                tracker.end_run(run_id, "KILLED" if summary.stopped_early else "FAILED")
+                # The stage run that was training when Tune stopped the trial never ended itself.
+                status = "KILLED" if summary.stopped_early else "FAILED"
+                for stage in base.stages:
+                    stage_run = tracker.find_run(sweep.tracking.experiment, stage, run_id)
+                    if stage_run and tracker.client.get_run(stage_run).info.status == "RUNNING":
+                        tracker.end_run(stage_run, status)
+                tracker.end_run(run_id, status)
     ranked = [s for s in summaries if s.metric is not None and s.status != "ERROR"]
     if ranked:
         best = apply_sample(base, ranked[0].values)
