@@ -133,6 +133,34 @@ def spm_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def write_tiny_checkpoint():
+    """``write(folder, world) -> folder``: a random debug-size model (56 px images) over a shapes world's
+    512-piece tokenizer, saved as an owl2 training checkpoint of stage2, step 7 (experiment ``owl2-eval-tests``)."""
+    import json
+
+    import yaml
+
+    from owl2.config import ModelConfig
+    from owl2.model import Owl2Config, Owl2ForCausalLM
+
+    def write(folder: Path, world: Path) -> Path:
+        spec = ModelConfig.from_preset("debug", {"decoder": {"vocab_size": 512}, "vision": {"image_size": 56}})
+        torch.manual_seed(0)
+        Owl2ForCausalLM(Owl2Config.from_spec(spec)).save_pretrained(folder)
+        experiment = {
+            "name": "tiny-eval",
+            "tracking": {"experiment": "owl2-eval-tests", "tracking_uri": ""},
+            "storage_path": str(folder.parent / "runs"),
+            "stages": {"stage2": {"data": {"tokenizer": str(world / "tokenizer"), "template": "vicuna_v1"}}},
+        }
+        (folder / "experiment.yaml").write_text(yaml.safe_dump(experiment))
+        (folder / "state.json").write_text(json.dumps({"stage": "stage2", "step": 7}))
+        return folder
+
+    return write
+
+
+@pytest.fixture(scope="session")
 def ray_cluster():
     """One local Ray cluster for the whole test session (a cold start costs about 5 s on 2 cores)."""
     import ray

@@ -101,7 +101,8 @@ def test_eval_section_from_overrides_with_defaults():
     assert experiment.stages["stage1"].eval is None
     assert experiment.stages["stage2"].eval == EvalConfig(suite="shapes", data=None, every=None, limit=16)
     assert build(type(experiment), to_dict(experiment)) == experiment
-    vqa = ["stages.stage2.eval.every=80", "stages.stage2.eval.suite=vqa", "stages.stage2.eval.data=vqa.jsonl"]
+    vqa = ["stages.stage2.checkpoint_every=40", "stages.stage2.eval.every=80"]
+    vqa += ["stages.stage2.eval.suite=vqa", "stages.stage2.eval.data=vqa.jsonl"]
     stage = load_experiment(PIPELINE, vqa).stages["stage2"]
     assert (stage.eval.every, stage.eval.data) == (80, "vqa.jsonl")
 
@@ -119,7 +120,7 @@ def test_eval_section_from_overrides_with_defaults():
         (["stages.stage2.eval.suite=mme"], r"stages.stage2.eval.data is empty: the mme suite needs"),
         (["stages.stage2.eval.limti=4"], r"unknown field\(s\) \['stages.stage2.eval.limti'\]"),
         (
-            ["stages.stage2.eval.every=60"],
+            ["stages.stage2.checkpoint_every=40", "stages.stage2.eval.every=60"],
             r"stages.stage2.eval.every \(60\) must be a multiple of stages.stage2.checkpoint_every \(40\)",
         ),
         (

@@ -9,41 +9,17 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
 from PIL import Image
 
 from owl2.cli import main
-from owl2.config import ModelConfig
 from owl2.data.synth import QUESTION_TYPES, generate_world
 from owl2.eval.benchmarks import load_captions, load_mmbench, load_mme, load_shapes, load_vqa
 from owl2.eval.generate import render_prompt
 from owl2.eval.runner import format_table, load_suite, read_predictions, run_eval, score, training_run
-from owl2.model import Owl2Config, Owl2ForCausalLM
+from owl2.model import Owl2ForCausalLM
 from owl2.tracking import PARENT_RUN_TAG, Tracker
 
 EXPERIMENT = "owl2-eval-tests"
-
-
-def tiny_model() -> Owl2ForCausalLM:
-    """A random debug-size model (56 px images) over the world's 512-piece tokenizer."""
-    spec = ModelConfig.from_preset("debug", {"decoder": {"vocab_size": 512}, "vision": {"image_size": 56}})
-    torch.manual_seed(0)
-    return Owl2ForCausalLM(Owl2Config.from_spec(spec))
-
-
-def write_tiny_checkpoint(folder: Path, world: Path) -> Path:
-    """:func:`tiny_model` saved as an owl2 training checkpoint."""
-    tiny_model().save_pretrained(folder)
-    experiment = {
-        "name": "tiny-eval",
-        "tracking": {"experiment": EXPERIMENT, "tracking_uri": ""},
-        "storage_path": str(folder.parent / "runs"),
-        "stages": {"stage2": {"data": {"tokenizer": str(world / "tokenizer"), "template": "vicuna_v1"}}},
-    }
-    (folder / "experiment.yaml").write_text(yaml.safe_dump(experiment))
-    (folder / "state.json").write_text(json.dumps({"stage": "stage2", "step": 7}))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -54,7 +30,7 @@ def world(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(world, tmp_path_factory) -> Path:
+def checkpoint(world, tmp_path_factory, write_tiny_checkpoint) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint", world)
 
 
@@ -374,13 +350,13 @@ def _stage_with_eval(world, **eval_section):
     )
 
 
-def test_checkpoint_eval_scores_the_shapes_suite_and_restores_train_mode(world, tmp_path):
+def test_checkpoint_eval_scores_the_shapes_suite_and_restores_train_mode(world, checkpoint, tmp_path):
     from owl2.train.evaluate import CheckpointEval
 
     # No eval.data: the world is the one whose tokenizer the stage trains with, as `owl2 eval` finds it.
     evaluator = CheckpointEval(_stage_with_eval(world, every=4))
     assert [step for step in range(1, 11) if evaluator.due(step)] == [4, 8, 10]
-    model = tiny_model()
+    model = Owl2ForCausalLM.from_pretrained(checkpoint)
     model.train()
     outcome = evaluator.run(model, step=4)
     assert model.training and all(param.grad is None for param in model.parameters())
@@ -405,12 +381,12 @@ def test_checkpoint_eval_scores_the_shapes_suite_and_restores_train_mode(world, 
     assert evaluator.items() is evaluator.items()
 
 
-def test_checkpoint_eval_logs_artifacts_to_the_stage_run(world, mlflow_uri):
+def test_checkpoint_eval_logs_artifacts_to_the_stage_run(world, checkpoint, mlflow_uri):
     from owl2.train.evaluate import CheckpointEval, log_outcome
 
     evaluator = CheckpointEval(_stage_with_eval(world, data=str(world), limit=1))
     assert all(evaluator.due(step) for step in range(1, 11))  # no eval.every: at every checkpoint
-    outcome = evaluator.run(tiny_model(), step=2)
+    outcome = evaluator.run(Owl2ForCausalLM.from_pretrained(checkpoint), step=2)
     tracker = Tracker(mlflow_uri)
     run_id = tracker.start_run("stage-with-eval", EXPERIMENT)
     log_outcome(tracker, run_id, outcome, "shapes")

@@ -5,11 +5,9 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
-import yaml
 
 from owl2.cli import main
-from owl2.config import IMAGE_TOKEN_INDEX, ModelConfig
+from owl2.config import IMAGE_TOKEN_INDEX
 from owl2.data.synth import generate_world
 from owl2.eval.benchmarks import CAPTION_PROTOCOL, EvalItem, Protocol, load_shapes
 from owl2.eval.chat import ChatSession, chat_loop
@@ -23,24 +21,7 @@ from owl2.eval.generate import (
     predict_dataset,
     render_prompt,
 )
-from owl2.model import Owl2Config, Owl2ForCausalLM
 from owl2.model.tokenizer import tokenize_with_images
-
-
-def write_tiny_checkpoint(folder: Path, world: Path) -> Path:
-    """A random debug-size model over the world's 512-piece tokenizer, saved as an owl2 training checkpoint."""
-    spec = ModelConfig.from_preset("debug", {"decoder": {"vocab_size": 512}, "vision": {"image_size": 56}})
-    torch.manual_seed(0)
-    Owl2ForCausalLM(Owl2Config.from_spec(spec)).save_pretrained(folder)
-    experiment = {
-        "name": "tiny-eval",
-        "tracking": {"experiment": "owl2-eval-tests", "tracking_uri": ""},
-        "storage_path": str(folder.parent / "runs"),
-        "stages": {"stage2": {"data": {"tokenizer": str(world / "tokenizer"), "template": "vicuna_v1"}}},
-    }
-    (folder / "experiment.yaml").write_text(yaml.safe_dump(experiment))
-    (folder / "state.json").write_text(json.dumps({"stage": "stage2", "step": 7}))
-    return folder
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +32,7 @@ def world(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def checkpoint(world, tmp_path_factory) -> Path:
+def checkpoint(world, tmp_path_factory, write_tiny_checkpoint) -> Path:
     return write_tiny_checkpoint(tmp_path_factory.mktemp("ckpt") / "checkpoint", world)
 
 

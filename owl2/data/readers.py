@@ -68,18 +68,10 @@ def read(source: SourceConfig, override_num_blocks: int | None = None) -> ray.da
 
 
 def _parse_llava_file(data: bytes, path: str, source: SourceConfig) -> Iterator[dict[str, Any]]:
-    text = data.decode("utf-8")
     if path.endswith(".jsonl"):
-        for row, line in enumerate(text.splitlines()):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                yield _malformed(path, row, source, f"invalid JSON: {error}")
-                continue
-            yield llava_sample(record, path, row, source)
+        yield from _jsonl_samples(data, path, source, llava_sample)
         return
+    text = data.decode("utf-8")
     try:
         records = json.loads(text)
     except json.JSONDecodeError as error:
@@ -126,15 +118,7 @@ def llava_sample(record: Any, path: str, row: int, source: SourceConfig) -> dict
 def _parse_caption_file(data: bytes, path: str, source: SourceConfig) -> Iterator[dict[str, Any]]:
     suffix = path.rsplit(".", 1)[-1].lower()
     if suffix == "jsonl":
-        for row, line in enumerate(data.decode("utf-8").splitlines()):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                yield _malformed(path, row, source, f"invalid JSON: {error}")
-                continue
-            yield caption_sample(record, path, row, source)
+        yield from _jsonl_samples(data, path, source, caption_sample)
     elif suffix == "csv":
         for row, record in enumerate(csv.DictReader(io.StringIO(data.decode("utf-8")))):
             yield caption_sample(record, path, row, source)
@@ -241,6 +225,21 @@ def resolve(image: str, data_file: str, image_root: str | None) -> str:
         return image
     base = image_root if image_root is not None else posixpath.dirname(data_file)
     return posixpath.join(base, image) if "://" in base else str(PurePosixPath(base) / image)
+
+
+def _jsonl_samples(
+    data: bytes, path: str, source: SourceConfig, to_sample: Callable[[Any, str, int, SourceConfig], dict[str, Any]]
+) -> Iterator[dict[str, Any]]:
+    """One sample per non-blank line; a line that is not JSON becomes a ``malformed_record`` sample."""
+    for row, line in enumerate(data.decode("utf-8").splitlines()):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            yield _malformed(path, row, source, f"invalid JSON: {error}")
+            continue
+        yield to_sample(record, path, row, source)
 
 
 def _malformed(path: str, row: int, source: SourceConfig, detail: str) -> dict[str, Any]:
