@@ -392,7 +392,15 @@ def predict_dataset(
         if len(predictions) != len(items):
             raise RuntimeError(f"got {len(predictions)} predictions for {len(items)} items")
     records = [prediction_record(item, predictions[index]) for index, item in enumerate(items)]
-    with output.open("w", encoding="utf-8") as file:
+    write_predictions(records, output)
+    return records
+
+
+def write_predictions(records: Sequence[dict[str, Any]], path: str | Path) -> Path:
+    """Prediction records as JSONL, one per line (read back by ``owl2.eval.runner.read_predictions``)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as file:
         for record in records:
             file.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-    return records
+    return path

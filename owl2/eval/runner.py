@@ -89,6 +89,13 @@ def load_suite(
     return loaders[suite]()
 
 
+def shapes_chance(world: str | Path) -> dict[str, float]:
+    """The shapes world's chance level per question type (and ``text``), in the order the table follows."""
+    levels = benchmarks.load_world(world)
+    order = [*levels["question_types"], *levels["chance"]]
+    return {kind: levels["chance"][kind] for kind in order if kind in levels["chance"]}
+
+
 def check_local_images(items: Sequence[EvalItem]) -> None:
     """Fail before any model loads when local image files are missing (typically a wrong ``image_root``)."""
     missing = [
@@ -232,12 +239,7 @@ def run_eval(
     if not items:
         raise ValueError(f"the {suite} suite has no items (data: {data})")
     check_local_images(items)
-    chance = None
-    if suite == "shapes":
-        world = benchmarks.load_world(world_root(source, data))
-        # In the world's order of question types, which the table follows.
-        order = [*world["question_types"], *world["chance"]]
-        chance = {kind: world["chance"][kind] for kind in order if kind in world["chance"]}
+    chance = shapes_chance(world_root(source, data)) if suite == "shapes" else None
     if output is None:
         output = Path(tempfile.mkdtemp(prefix="owl2-eval-")) / f"{suite}_predictions.jsonl"
     output = Path(output)

@@ -7,7 +7,6 @@ the other workers go on and wait in the checkpoint's first collective. Everythin
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,9 +15,9 @@ from typing import Any
 import torch
 
 from owl2.config import StageConfig
-from owl2.eval import benchmarks, runner
+from owl2.eval import runner
 from owl2.eval.benchmarks import EvalItem
-from owl2.eval.generate import ModelSource, generate_items, prediction_record
+from owl2.eval.generate import ModelSource, generate_items, prediction_record, write_predictions
 
 METRIC_PREFIX = "eval/"
 
@@ -35,12 +34,7 @@ class EvalOutcome:
 
     def write_predictions(self, path: str | Path) -> Path:
         """The predictions as ``owl2 eval`` writes them (one JSON record per line; :func:`runner.read_predictions`)."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with path.open("w", encoding="utf-8") as file:
-            for record in self.records:
-                file.write(json.dumps(record, ensure_ascii=False, default=str) + "\n")
-        return path
+        return write_predictions(self.records, path)
 
     def table(self, title: str = "") -> str:
         return runner.format_table(self.rows, title)
@@ -82,9 +76,7 @@ class CheckpointEval:
                 raise ValueError(f"the {config.suite} suite has no items (data: {config.data})")
             runner.check_local_images(items)
             if config.suite == "shapes":
-                world = benchmarks.load_world(runner.world_root(self.source, config.data))
-                order = [*world["question_types"], *world["chance"]]  # the table follows the world's order
-                self._chance = {kind: world["chance"][kind] for kind in order if kind in world["chance"]}
+                self._chance = runner.shapes_chance(runner.world_root(self.source, config.data))
             self._items = items
         return self._items
 
