@@ -9,6 +9,7 @@ import argparse
 import os
 import sys
 from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 from owl2.config import DATA_FORMATS, RESIZE_MODES, TEMPLATE_NAMES, ConfigError, DataConfig, ModelConfig, build, to_dict
@@ -187,12 +188,24 @@ def _dtype(name: str | None) -> Any:
     return getattr(torch, DTYPES[name]) if name else None
 
 
+# The tokenizer travels with the weights, so that a converted folder is a checkpoint on its own.
+TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_map.json")
+
+
 def _model_convert(args: argparse.Namespace) -> int:
+    import shutil
+
     from owl2.model.owl2 import Owl2ForCausalLM
 
     model = Owl2ForCausalLM.from_pretrained(args.source, dtype=_dtype(args.dtype))
     model.save_pretrained(args.out)
+    source = Path(args.source)
+    copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
+    for name in copied:
+        shutil.copy2(source / name, Path(args.out) / name)
     print(f"wrote {args.out} ({sum(p.numel() for p in model.parameters()):,} parameters, {model.dtype})")
+    if "tokenizer.model" not in copied:
+        print(f"note: {source} has no tokenizer.model; pass --tokenizer when you use {args.out}")
     return 0
 
 

@@ -67,6 +67,23 @@ def test_model_convert_turns_the_official_folder_into_ours(tmp_path, golden_dir,
         assert torch.equal(ours, theirs), name
 
 
+def test_model_convert_carries_the_tokenizer_along(tmp_path, golden_dir, spm_tokenizer_dir, capsys) -> None:
+    import shutil
+
+    from owl2.model.tokenizer import load_tokenizer
+
+    released = tmp_path / "released"
+    shutil.copytree(golden_dir, released)
+    shutil.copy2(spm_tokenizer_dir / "tokenizer.model", released / "tokenizer.model")
+    assert main(["model", "convert", str(released), "--out", str(tmp_path / "owl2")]) == 0
+    assert "--tokenizer" not in capsys.readouterr().out
+    text = "a red circle at the top left"
+    assert load_tokenizer(tmp_path / "owl2")(text).input_ids == load_tokenizer(released)(text).input_ids
+
+    assert main(["model", "convert", str(golden_dir), "--out", str(tmp_path / "bare")]) == 0
+    assert "pass --tokenizer" in capsys.readouterr().out
+
+
 def test_model_convert_of_a_missing_folder_is_a_clean_error(tmp_path, capsys) -> None:
     assert main(["model", "convert", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
     assert "config.json" in capsys.readouterr().err

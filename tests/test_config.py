@@ -150,3 +150,20 @@ def test_eval_suites_are_the_runners():
     from owl2.eval.runner import SUITES
 
     assert EVAL_SUITES == SUITES
+
+
+def test_init_from_is_checked_before_workers_start(tmp_path, golden_dir):
+    from owl2.config import load_experiment
+    from owl2.train.trainer import check_init_from
+
+    def experiment(path):
+        return load_experiment(PIPELINE, [f"stages.stage2.init_from={path}"])
+
+    with pytest.raises(ConfigError, match=r"stages.stage2.init_from .*nowhere does not exist"):
+        check_init_from(experiment(tmp_path / "nowhere"))
+    (tmp_path / "snapshot.json").write_text("{}")
+    with pytest.raises(ConfigError, match="is not a checkpoint folder"):
+        check_init_from(experiment(tmp_path / "snapshot.json"))
+    check_init_from(experiment(tmp_path / "nowhere"), stages=["stage1"])  # stage 2 does not run
+    check_init_from(experiment(golden_dir))
+    check_init_from(experiment("s3://bucket/checkpoint"))  # remote storage is Ray Train's to read

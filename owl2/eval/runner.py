@@ -287,11 +287,19 @@ def _tracked(source: ModelSource, suite: str, params: dict[str, Any], evaluate: 
         tracker.log_params(run_id, {**params, "training_stage": stage or "", "training_step": step})
         result = evaluate()
         tracker.log_metrics(run_id, result.metrics, step=step)
-        tracker.client.log_artifact(run_id, str(result.predictions))
-        tracker.log_text(run_id, format_table(result.rows) + "\n", "eval_table.txt")
-        tracker.log_dict(run_id, {row.metric: vars(row) for row in result.rows}, "metrics.json")
+        log_artifacts(tracker, run_id, result.predictions, result.rows)
     result.run_id = run_id
     return result
+
+
+def log_artifacts(
+    tracker: Any, run_id: str, predictions: str | Path, rows: Sequence[Row], folder: str | None = None, title: str = ""
+) -> None:
+    """An evaluation's predictions JSONL, its table and its rows (``metrics.json``) as artifacts of ``run_id``."""
+    prefix = f"{folder}/" if folder else ""
+    tracker.client.log_artifact(run_id, str(predictions), folder)
+    tracker.log_text(run_id, format_table(rows, title) + "\n", f"{prefix}eval_table.txt")
+    tracker.log_dict(run_id, {row.metric: vars(row) for row in rows}, f"{prefix}metrics.json")
 
 
 def training_run(tracker: Any, experiment: str, name: str | None, stage: str | None) -> str | None:

@@ -141,6 +141,4 @@ def log_outcome(tracker: Any, run_id: str, outcome: EvalOutcome, suite: str) -> 
     folder = f"eval/step_{outcome.step:06d}"
     with tempfile.TemporaryDirectory() as scratch:
         path = outcome.write_predictions(Path(scratch) / f"{suite}_predictions.jsonl")
-        tracker.client.log_artifact(run_id, str(path), folder)
-    tracker.log_text(run_id, outcome.table(f"{suite} at step {outcome.step}") + "\n", f"{folder}/eval_table.txt")
-    tracker.log_dict(run_id, {row.metric: vars(row) for row in outcome.rows}, f"{folder}/metrics.json")
+        runner.log_artifacts(tracker, run_id, path, outcome.rows, folder, title=f"{suite} at step {outcome.step}")

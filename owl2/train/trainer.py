@@ -86,6 +86,15 @@ def check_evals(experiment: ExperimentConfig, stages: list[str] | None = None) -
                 raise ConfigError(f"stages.{name}.eval: {error}") from error
 
 
+def check_init_from(experiment: ExperimentConfig, stages: list[str] | None = None) -> None:
+    """A stage's local ``init_from`` must be a model folder (config.json): checked before any worker starts."""
+    for name, stage in experiment.stages.items():
+        path = stage.init_from
+        if path and "://" not in path and (not stages or name in stages) and not (Path(path) / "config.json").is_file():
+            what = "does not exist" if not Path(path).exists() else "is not a checkpoint folder (no config.json)"
+            raise ConfigError(f"stages.{name}.init_from {path} {what}")
+
+
 def run_experiment(
     experiment: ExperimentConfig,
     stages: list[str] | None = None,
@@ -110,6 +119,7 @@ def run_experiment(
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; the experiment defines {list(experiment.stages)}")
     check_tokenizers(experiment)
+    check_init_from(experiment, stages)
     check_evals(experiment, stages)
     ensure_ray()
 
