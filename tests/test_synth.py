@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from owl2.cli import main
-from owl2.data.synth import Scene, Shape, describe, generate_world, questions, render
+from owl2.data.synth import Scene, Shape, contrast_questions, describe, generate_world, questions, render
 
 NUM_TRAIN, NUM_HELDOUT = 40, 20
 # Written out here rather than imported, so a wrong vocabulary in the generator cannot pass unnoticed.
@@ -206,7 +206,9 @@ def test_llava_json(world_dir: Path, world: dict) -> None:
             else:
                 assert set(record) == {"id", "conversations"} and sum(placeholders) == 0
         lengths = Counter(len(record["conversations"]) // 2 for record in records if "image" in record)
-        assert set(lengths) <= {4, 5}  # every question of an image (position only when a pair is unique)
+        # Every question of an image and its contrasts: color, shape, count, two yes/no and, when a colour-shape
+        # pair occurs once, one position question per such pair.
+        assert set(lengths) <= {5, 6, 7, 8} and len(lengths) >= 2
         text_lengths = Counter(len(record["conversations"]) // 2 for record in records if "image" not in record)
         assert set(text_lengths) <= {1, 2, 3} and 1 in text_lengths  # single- and multi-turn text records
         assert any("image" not in record for record in records)
@@ -352,6 +354,26 @@ def test_questions_ask_position_only_when_unique_and_yes_no_as_requested() -> No
         )
     lone_pair = Scene((red_circle, red_circle, None, None))
     assert "position" not in {kind for kind, _, _ in questions(lone_pair, random.Random(0), yes=True)}
+
+
+def test_contrast_questions_flip_yes_no_and_ask_every_unique_position() -> None:
+    red_circle = Shape("circle", "red")
+    scene = Scene((red_circle, Shape("triangle", "green"), Shape("square", "blue"), red_circle))
+    for seed in range(20):
+        for yes in (True, False):
+            asked = questions(scene, random.Random(seed), yes=yes)
+            extra = contrast_questions(scene, asked, random.Random(seed))
+            yes_no = [(q, a) for kind, q, a in asked + extra if kind == "yes_no"]
+            assert sorted(a for _, a in yes_no) == ["no", "yes"]
+            for question, answer in yes_no:
+                pair = question.removeprefix("Is there a ").removesuffix("?")
+                assert answer == ("yes" if pair in ("red circle", "green triangle", "blue square") else "no")
+            positions = {q: a for kind, q, a in asked + extra if kind == "position"}
+            assert positions == {
+                "Where is the green triangle?": "top right",
+                "Where is the blue square?": "bottom left",
+            }
+            assert len([kind for kind, _, _ in asked + extra if kind == "position"]) == 2  # each pair once
 
 
 def test_render_draws_what_the_scene_says(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
 """Sweeps: stage planning validated against the experiment, then 2x2 and crash sweeps end to end on local Ray."""
 
+from collections import Counter
 from pathlib import Path
 
 import mlflow
@@ -133,3 +134,20 @@ def test_a_crashing_trial_is_retried_and_does_not_stop_the_sweep(ray_cluster, wo
     summaries = {s.values["stages.stage2.optim.lr"]: s for s in run_sweep(sweep, base)}
     assert summaries[3e-3].status == "TERMINATED" and not summaries[3e-3].stopped_early
     assert summaries[1e6].status == "ERROR" and "NaN/inf" in summaries[1e6].error
+
+    # Re-running a sweep under its name resumes it: the finished trial and the shared stage 1 are kept (no new
+    # runs for them), only the errored trial runs again, under its old id.
+    def run_names():
+        experiment = _client(world).get_experiment_by_name("owl2-tiny-cpu-sweeps")
+        runs = _client(world).search_runs([experiment.experiment_id])
+        return Counter(r.info.run_name for r in runs if r.info.run_name.startswith(("crash", "stage")))
+
+    before = run_names()
+    again = {s.values["stages.stage2.optim.lr"]: s for s in run_sweep(sweep, base)}
+    assert {lr: s.trial_id for lr, s in again.items()} == {lr: s.trial_id for lr, s in summaries.items()}
+    assert again[3e-3].status == "TERMINATED" and again[3e-3].metric == summaries[3e-3].metric
+    assert again[1e6].status == "ERROR"
+    after = run_names()
+    assert after["crash-shared"] == before["crash-shared"] == 1
+    assert after[f"crash-{summaries[3e-3].trial_id}"] == before[f"crash-{summaries[3e-3].trial_id}"] == 1
+    assert after["crash"] == 1  # the sweep's own run is resumed, not duplicated

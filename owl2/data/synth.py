@@ -31,7 +31,7 @@ from PIL import Image, ImageDraw
 from owl2.config import ConfigError
 from owl2.data.templates import TEMPLATES
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 POSITIONS = ("top left", "top right", "bottom left", "bottom right")
 """Cell names in reading order: index ``row * 2 + column``."""
@@ -194,6 +194,31 @@ def questions(scene: Scene, rng: random.Random, yes: bool | None = None) -> list
     return result
 
 
+def contrast_questions(
+    scene: Scene, asked: Sequence[tuple[str, str, str]], rng: random.Random
+) -> list[tuple[str, str, str]]:
+    """Training-only questions that contrast with ``asked`` (from :func:`questions`) on the same image.
+
+    The ``yes_no`` question gets its opposite (an absent pair after a present one, and the reverse), and the
+    ``position`` question gets a sibling for every other colour-shape pair that occurs once. Answers that
+    differ on one image can only come from looking at it: without them a tiny model from random weights
+    settles on a prior (``no`` to every yes/no question) and learns these two types late or not at all.
+    """
+    names = Counter(item.name for _, item in scene.objects)
+    result = []
+    for kind, question, answer in asked:
+        if kind == "yes_no":
+            present = sorted(names)
+            absent = [f"{color} {shape}" for color in COLORS for shape in SHAPES if f"{color} {shape}" not in names]
+            pair = rng.choice(absent if answer == "yes" else present)
+            result.append(("yes_no", f"Is there a {pair}?", "no" if answer == "yes" else "yes"))
+        elif kind == "position":
+            for position, item in scene.objects:
+                if names[item.name] == 1 and f"Where is the {item.name}?" != question:
+                    result.append(("position", f"Where is the {item.name}?", position))
+    return result
+
+
 @dataclass(frozen=True)
 class TextItem:
     """One question of the text-only number task."""
@@ -271,7 +296,8 @@ def generate_world(
 
         images/{split}/{index:06d}.png      the images (index from 1)
         captions/{split}.jsonl              {"id", "image", "caption"} per image
-        llava/{split}.json                  LLaVA-1.5 records: 1-3 QA turns per image record, text-only records
+        llava/{split}.json                  LLaVA-1.5 records: one per image (its questions and their
+                                            contrasts), text-only records of 1-3 turns
         wds/{split}-{shard:06d}.tar         webdataset shards: {key}.png + {key}.txt (the caption)
         eval/vqa_heldout.jsonl              {"id", "image", "question", "answer", "answers", "question_type"}
         eval/captions_heldout.json          COCO captions of the held-out images
@@ -468,9 +494,10 @@ def _llava_records(
 ) -> list[dict[str, Any]]:
     records = []
     for image in images:
-        # One multi-turn record asks all of an image's questions, in a random order: every encoded image
-        # supervises four or five answers, which a tiny model from random weights needs to learn them in minutes.
-        turns = list(image.questions)
+        # One multi-turn record asks all of an image's questions and their contrasts, in a random order: every
+        # encoded image supervises five to eight answers, which a tiny model from random weights needs to learn
+        # them in minutes.
+        turns = list(image.questions) + contrast_questions(image.scene, image.questions, rng)
         rng.shuffle(turns)
         conversations = []
         for turn, (_, question, answer) in enumerate(turns):
