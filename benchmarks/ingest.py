@@ -54,7 +54,7 @@ import ray.data
 import torch
 
 from owl2.config import DataConfig, SourceConfig
-from owl2.data.pipeline import ORDER_KEY, Batch, Collator, Tokenize, encoded, iterate, load_images, order_key
+from owl2.data.pipeline import EPOCH, ORDER_KEY, Batch, Collator, Tokenize, encoded, iterate, load_images, order_key
 from owl2.data.readers import _parse_llava_file
 from owl2.data.sample import SkipStats
 from owl2.data.synth import generate_world
@@ -202,7 +202,7 @@ class LlavaDataset(torch.utils.data.Dataset):
         with open(path, "rb") as file:
             self.samples = list(_parse_llava_file(file.read(), path, source))
         for sample in self.samples:
-            sample[ORDER_KEY] = order_key(config.seed, 0, sample["origin"], 0)
+            sample[EPOCH], sample[ORDER_KEY] = 0, order_key(config.seed, 0, sample["origin"], 0)
         self.samples.sort(key=lambda sample: sample[ORDER_KEY])
         self.config, self.tokens_per_image = config, tokens_per_image
         self.tokenize: Tokenize | None = None  # one per worker process, made on first use

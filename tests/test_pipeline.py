@@ -134,6 +134,20 @@ def test_order_is_deterministic_per_seed_and_epoch_and_resumes_exactly(ray_clust
     assert sorted(shards[0] + shards[1]) == sorted(first) and not set(shards[0]) & set(shards[1])
 
 
+def test_one_pass_over_several_epochs_is_those_epochs_in_a_row(ray_cluster, corpus, spm_tokenizer_dir):
+    config = _config(corpus, spm_tokenizer_dir, seed=3)
+
+    def rows(**kwargs):
+        return [(row["epoch"], row["order_key"], row["id"]) for row in samples(config, **kwargs).take_all()]
+
+    per_epoch = [rows(epoch=e, rank=1, world_size=2) for e in range(1, 4)]
+    assert all(epoch == e for e, rows_ in zip(range(1, 4), per_epoch, strict=True) for epoch, _, _ in rows_)
+    assert rows(epoch=1, rank=1, world_size=2, epochs=3) == per_epoch[0] + per_epoch[1] + per_epoch[2]
+    # A resumed pass starts after the position in its first epoch and takes the later epochs whole.
+    after = per_epoch[0][2][1]
+    assert rows(epoch=1, rank=1, world_size=2, after_key=after, epochs=2) == per_epoch[0][3:] + per_epoch[1]
+
+
 def test_weights_repeat_or_thin_a_source_deterministically(ray_cluster, corpus, spm_tokenizer_dir, tmp_path):
     data = str(corpus / "data.json")
 

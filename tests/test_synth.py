@@ -206,9 +206,9 @@ def test_llava_json(world_dir: Path, world: dict) -> None:
             else:
                 assert set(record) == {"id", "conversations"} and sum(placeholders) == 0
         lengths = Counter(len(record["conversations"]) // 2 for record in records if "image" in record)
-        # Every question of an image and its contrasts: color, shape, count, two yes/no and, when a colour-shape
-        # pair occurs once, one position question per such pair.
-        assert set(lengths) <= {5, 6, 7, 8} and len(lengths) >= 2
+        # Every question of an image and its contrasts: color and shape of each of its 1-3 shapes, count, two
+        # yes/no and, when a colour-shape pair occurs once, one position question per such pair.
+        assert set(lengths) <= set(range(6, 13)) and len(lengths) >= 2
         text_lengths = Counter(len(record["conversations"]) // 2 for record in records if "image" not in record)
         assert set(text_lengths) <= {1, 2, 3} and 1 in text_lengths  # single- and multi-turn text records
         assert any("image" not in record for record in records)
@@ -356,9 +356,10 @@ def test_questions_ask_position_only_when_unique_and_yes_no_as_requested() -> No
     assert "position" not in {kind for kind, _, _ in questions(lone_pair, random.Random(0), yes=True)}
 
 
-def test_contrast_questions_flip_yes_no_and_ask_every_unique_position() -> None:
+def test_contrast_questions_ask_every_cell_and_unique_position_and_flip_yes_no() -> None:
     red_circle = Shape("circle", "red")
     scene = Scene((red_circle, Shape("triangle", "green"), Shape("square", "blue"), red_circle))
+    colors, shapes = ("red", "green", "blue", "red"), ("circle", "triangle", "square", "circle")
     for seed in range(20):
         for yes in (True, False):
             asked = questions(scene, random.Random(seed), yes=yes)
@@ -368,6 +369,12 @@ def test_contrast_questions_flip_yes_no_and_ask_every_unique_position() -> None:
             for question, answer in yes_no:
                 pair = question.removeprefix("Is there a ").removesuffix("?")
                 assert answer == ("yes" if pair in ("red circle", "green triangle", "blue square") else "no")
+            cells = {q: a for kind, q, a in asked + extra if kind in ("color", "shape")}
+            assert cells == {
+                **{f"What color is the shape at the {p}?": c for p, c in zip(POSITIONS, colors, strict=True)},
+                **{f"What shape is at the {p}?": s for p, s in zip(POSITIONS, shapes, strict=True)},
+            }
+            assert len([kind for kind, _, _ in asked + extra if kind in ("color", "shape")]) == 8  # each cell once
             positions = {q: a for kind, q, a in asked + extra if kind == "position"}
             assert positions == {
                 "Where is the green triangle?": "top right",

@@ -123,14 +123,19 @@ def test_two_workers_learn(ray_cluster, world):
 
 
 def test_resume_equals_an_uninterrupted_run(ray_cluster, world, tmp_path):
-    straight = run_experiment(_experiment(world, "straight"), stages=["stage1"])[0]
+    # 10 steps of 16 samples over 60 images: a first pass over epoch 0, then one pass over epochs 1 and 2, in
+    # which the crash after step 6 falls; the resumed run finishes epoch 1, then takes epoch 2 in a pass of its own.
+    steps = "stages.stage1.max_steps=10"
+    straight = run_experiment(_experiment(world, "straight", steps), stages=["stage1"])[0]
 
-    crash = {"_crash_once": {"step": 2, "marker": str(tmp_path / "crashed")}}
-    with pytest.raises(ray.train.TrainingFailedError):  # max_failures=0: the crash after step 2 is final
-        run_experiment(_experiment(world, "interrupted", "max_failures=0"), stages=["stage1"], **crash)
-    resumed = run_experiment(_experiment(world, "interrupted"), stages=["stage1"])[0]
+    crash = {"_crash_once": {"step": 6, "marker": str(tmp_path / "crashed")}}
+    with pytest.raises(ray.train.TrainingFailedError):  # max_failures=0: the crash after step 6 is final
+        run_experiment(_experiment(world, "interrupted", steps, "max_failures=0"), stages=["stage1"], **crash)
+    resumed = run_experiment(_experiment(world, "interrupted", steps), stages=["stage1"])[0]
 
-    assert _state(resumed)["resumed_at"] == [2] and _state(resumed)["step"] == 4
+    assert _state(resumed)["resumed_at"] == [6] and _state(resumed)["step"] == 10
+    assert _state(resumed)["epochs"] == _state(straight)["epochs"] == [2]
+    assert _state(resumed)["passes"] == _state(straight)["passes"] and _state(straight)["passes"][0][:2] == [1, 3]
     assert _state(resumed)["last_keys"] == _state(straight)["last_keys"]  # same data position
     ours, reference = _weights(resumed), _weights(straight)
     for key in reference:

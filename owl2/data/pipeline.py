@@ -17,6 +17,10 @@ samples sorted by that key, so the order depends on nothing but the seed, the ep
 worker takes the keys with ``key % world_size == rank``. The position in an epoch is the last key
 consumed: a restarted run filters ``key > last_key`` and so neither repeats nor skips a sample.
 
+Passes: one execution of the pipeline can stream several epochs back to back (sorted by epoch, then key:
+the same sequence as one execution per epoch). Each execution pays a start-up (read, sort, actors: 10-15 s
+on 2 CPUs) during which training waits, so the training loop asks for every epoch it still needs at once.
+
 Bad records flow through as rows with ``error`` set (never raised one by one) and are counted by the
 collate function, which drops them from the batch.
 """
@@ -42,6 +46,7 @@ from owl2.data.readers import read
 from owl2.data.sample import SkipStats, decode_messages
 
 ORDER_KEY = "order_key"
+EPOCH = "epoch"
 # A scheduling step of Ray Data's executor shorter than this did not wait on its tasks (it waits up to 0.1 s):
 # it found nothing to do. The pause bounds such idle steps to 50 a second.
 IDLE_STEP_S = 0.02
@@ -51,20 +56,12 @@ IDLE_SLEEP_S = 0.02
 # Arrow conversion, an object-store put); bigger ones spread over fewer actors and delay the first batch.
 BLOCK_BYTES = 32 * 1024 * 1024
 # Columns that leave the pipeline for the training loop; ``pixels`` holds uint8 [num_images, 3, S, S] per row.
-ENCODED_COLUMNS = ("id", "source", ORDER_KEY, "input_ids", "labels", "pixels", "num_images", "error", "detail")
+ENCODED_COLUMNS = ("id", "source", EPOCH, ORDER_KEY, "input_ids", "labels", "pixels", "num_images", "error", "detail")
 
 
 def order_key(seed: int, epoch: int, origin: str, copy: int) -> int:
     digest = hashlib.blake2b(f"{seed}:{epoch}:{copy}:{origin}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") >> 1  # non-negative int64
-
-
-@dataclass(frozen=True)
-class Position:
-    """Where a worker is in the data: the epoch and the order key of the last sample it consumed."""
-
-    epoch: int = 0
-    last_key: int = -1
 
 
 def samples(
@@ -73,32 +70,40 @@ def samples(
     rank: int = 0,
     world_size: int = 1,
     after_key: int = -1,
+    epochs: int = 1,
 ) -> ray.data.Dataset:
-    """The raw samples one worker sees in ``epoch``, in order, starting after ``after_key``."""
+    """The raw samples one worker sees in epochs ``epoch`` to ``epoch + epochs - 1``, in order, starting after
+    ``after_key`` in the first."""
     if not config.sources:
         raise ValueError("data.sources is empty: name at least one dataset")
-    parts = [_weighted(read(source), source, config.seed, epoch) for source in config.sources]
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, got {epochs}")
+    passes = range(epoch, epoch + epochs)
+    parts = [_weighted(read(source), source, config.seed, passes) for source in config.sources]
     dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
     if world_size > 1 or after_key >= 0:
         # numpy, not a Ray expression: expressions evaluate in float64 and the keys use 63 bits.
         def keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
             keys = batch[ORDER_KEY]
-            chosen = (keys % world_size == rank) & (keys > after_key)
+            chosen = (keys % world_size == rank) & ((keys > after_key) | (batch[EPOCH] > epoch))
             return {name: column[chosen] for name, column in batch.items()}
 
         dataset = dataset.map_batches(keep, batch_format="numpy")
-    return dataset.sort(ORDER_KEY)
+    return dataset.sort([EPOCH, ORDER_KEY])
 
 
-def _weighted(dataset: ray.data.Dataset, source: SourceConfig, seed: int, epoch: int) -> ray.data.Dataset:
+def _weighted(dataset: ray.data.Dataset, source: SourceConfig, seed: int, epochs: range) -> ray.data.Dataset:
     whole, fraction = int(math.floor(source.weight)), source.weight % 1.0
 
     def copies(row: dict[str, Any]) -> list[dict[str, Any]]:
-        count = whole
-        if fraction:
-            # A deterministic, epoch-dependent coin decides the fractional copy.
-            count += order_key(seed, epoch, row["origin"], -1) / 2**63 < fraction
-        return [{**row, ORDER_KEY: order_key(seed, epoch, row["origin"], copy)} for copy in range(count)]
+        out = []
+        for epoch in epochs:
+            count = whole
+            if fraction:
+                # A deterministic, epoch-dependent coin decides the fractional copy.
+                count += order_key(seed, epoch, row["origin"], -1) / 2**63 < fraction
+            out += [{**row, EPOCH: epoch, ORDER_KEY: order_key(seed, epoch, row["origin"], c)} for c in range(count)]
+        return out
 
     return dataset.flat_map(copies)
 
@@ -152,7 +157,7 @@ class Tokenize:
             input_ids.append(ids)
             labels.append(targets)
         return {
-            **{name: batch[name] for name in ("id", "source", ORDER_KEY)},
+            **{name: batch[name] for name in ("id", "source", EPOCH, ORDER_KEY)},
             # Plain lists: Arrow cannot type a mix of empty float arrays and string arrays.
             "images": _ragged([list(paths) for paths in batch["images"]]),
             "image_bytes": _ragged([list(data) for data in batch["image_bytes"]]),
@@ -182,7 +187,7 @@ def load_images(batch: dict[str, np.ndarray], image_size: int, resize: str, max_
                 errors[i], details[i], arrays = error.reason, str(error), []
         pixels.append(b"".join(arrays))  # = np.stack(arrays).tobytes(), without its two fresh copies
     return {
-        **{name: batch[name] for name in ("id", "source", ORDER_KEY, "input_ids", "labels", "num_images")},
+        **{name: batch[name] for name in ("id", "source", EPOCH, ORDER_KEY, "input_ids", "labels", "num_images")},
         "pixels": np.asarray(pixels, dtype=object),
         "error": np.asarray(errors, dtype=object),
         "detail": np.asarray(details, dtype=object),
@@ -202,15 +207,16 @@ def encoded(
     rank: int = 0,
     world_size: int = 1,
     after_key: int = -1,
+    epochs: int = 1,
 ) -> ray.data.Dataset:
-    """Model-ready rows for one worker: tokens, labels and decoded pixels, in the epoch's order."""
+    """Model-ready rows for one worker: tokens, labels and decoded pixels, in the order of :func:`samples`."""
     if not config.tokenizer:
         raise ValueError("data.tokenizer is empty: point it at a folder holding tokenizer.model")
     context = ray.data.DataContext.get_current()
     context.execution_options.preserve_order = True
     if YieldWhenIdle not in context.custom_execution_callback_classes:
         context.custom_execution_callback_classes.append(YieldWhenIdle)
-    dataset = samples(config, epoch, rank, world_size, after_key)
+    dataset = samples(config, epoch, rank, world_size, after_key, epochs)
     # The sort leaves one block per input file: smaller blocks spread the work over the actors and stream (a
     # streaming repartition: no shuffle, the order is kept).
     dataset = dataset.repartition(target_num_rows_per_block=rows_per_block(config.image_size))
@@ -291,7 +297,8 @@ class Batch:
     images: torch.Tensor  # [N, 3, S, S] uint8, batch order then placeholder order
     image_counts: list[int]  # images per row, on the host
     ids: list[str]
-    last_key: int  # order key of the last row (good or bad) of this batch: the resume position
+    epoch: int  # epoch and order key of the last row (good or bad) of this batch: the resume position
+    last_key: int
     skips: SkipStats = field(default_factory=SkipStats)
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
@@ -351,6 +358,7 @@ class Collator(NumpyBatchCollateFn):
             images=images,
             image_counts=counts,
             ids=[str(batch["id"][i]) for i in good],
+            epoch=int(batch[EPOCH][-1]) if len(batch[EPOCH]) else -1,
             last_key=int(batch[ORDER_KEY][-1]) if len(batch[ORDER_KEY]) else -1,
             skips=skips,
         )

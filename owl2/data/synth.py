@@ -199,23 +199,33 @@ def contrast_questions(
 ) -> list[tuple[str, str, str]]:
     """Training-only questions that contrast with ``asked`` (from :func:`questions`) on the same image.
 
-    The ``yes_no`` question gets its opposite (an absent pair after a present one, and the reverse), and the
-    ``position`` question gets a sibling for every other colour-shape pair that occurs once. Answers that
-    differ on one image can only come from looking at it: without them a tiny model from random weights
-    settles on a prior (``no`` to every yes/no question) and learns these two types late or not at all.
+    ``color`` and ``shape`` get a sibling for every other occupied cell, ``position`` one for every other
+    colour-shape pair that occurs once, and ``yes_no`` its opposite (an absent pair after a present one, and
+    the reverse). Answers that differ on one image can only come from looking at the right part of it:
+    without them a tiny model from random weights settles on priors (``no`` to every yes/no question, the
+    colour of whichever cell it attends to) and learns these types late or not at all.
     """
     names = Counter(item.name for _, item in scene.objects)
     result = []
     for kind, question, answer in asked:
-        if kind == "yes_no":
-            present = sorted(names)
-            absent = [f"{color} {shape}" for color in COLORS for shape in SHAPES if f"{color} {shape}" not in names]
-            pair = rng.choice(absent if answer == "yes" else present)
-            result.append(("yes_no", f"Is there a {pair}?", "no" if answer == "yes" else "yes"))
+        if kind in ("color", "shape"):
+            for position, item in scene.objects:
+                sibling = (
+                    f"What color is the shape at the {position}?"
+                    if kind == "color"
+                    else f"What shape is at the {position}?"
+                )
+                if sibling != question:
+                    result.append((kind, sibling, item.color if kind == "color" else item.shape))
         elif kind == "position":
             for position, item in scene.objects:
                 if names[item.name] == 1 and f"Where is the {item.name}?" != question:
                     result.append(("position", f"Where is the {item.name}?", position))
+        elif kind == "yes_no":
+            present = sorted(names)
+            absent = [f"{color} {shape}" for color in COLORS for shape in SHAPES if f"{color} {shape}" not in names]
+            pair = rng.choice(absent if answer == "yes" else present)
+            result.append(("yes_no", f"Is there a {pair}?", "no" if answer == "yes" else "yes"))
     return result
 
 
@@ -495,7 +505,7 @@ def _llava_records(
     records = []
     for image in images:
         # One multi-turn record asks all of an image's questions and their contrasts, in a random order: every
-        # encoded image supervises five to eight answers, which a tiny model from random weights needs to learn
+        # encoded image supervises six to twelve answers, which a tiny model from random weights needs to learn
         # them in minutes.
         turns = list(image.questions) + contrast_questions(image.scene, image.questions, rng)
         rng.shuffle(turns)

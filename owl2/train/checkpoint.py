@@ -37,6 +37,9 @@ class TrainState:
     """Per rank: the data epoch in progress."""
     last_keys: list[int] = field(default_factory=list)
     """Per rank: order key of the last sample consumed in that epoch (-1: none yet)."""
+    passes: list[list[int]] = field(default_factory=list)
+    """Per rank: the pipeline pass in progress, ``[first epoch, end epoch, good rows consumed]``. A resumed run
+    finishes that pass, so its batches and the size of its next pass are the uninterrupted run's."""
     samples: int = 0
     tokens: int = 0
     images: int = 0
@@ -46,17 +49,20 @@ class TrainState:
     resumed_at: list[int] = field(default_factory=list)
     """Steps at which this stage was resumed from a checkpoint (after a failure or a re-run)."""
 
-    def position(self, rank: int, world_size: int) -> tuple[int, int]:
-        """(epoch, last key) where ``rank`` continues; a fresh stage starts at (0, -1)."""
+    def position(self, rank: int, world_size: int) -> tuple[int, int, list[int]]:
+        """(epoch, last key, pass) where ``rank`` continues; a fresh stage starts at (0, -1, [0, 1, 0])."""
         if not self.last_keys:
-            return 0, -1
+            return 0, -1, [0, 1, 0]
         if len(self.last_keys) != world_size:
             raise ValueError(
                 f"the checkpoint of stage {self.stage!r} was written by {len(self.last_keys)} workers; resuming "
                 f"with {world_size} would repeat or skip data. Resume with resources.num_workers="
                 f"{len(self.last_keys)}, or start the stage afresh under a new run name"
             )
-        return self.epochs[rank], self.last_keys[rank]
+        epoch = self.epochs[rank]
+        # Checkpoints from before passes: the rest of the epoch in progress is a pass of its own.
+        current = list(self.passes[rank]) if self.passes else [epoch, epoch + 1, 0]
+        return epoch, self.last_keys[rank], current
 
 
 def save(

@@ -115,7 +115,7 @@ def train_stage(loop_config: dict[str, Any]) -> None:
         tracker.log_text(loop_config["run_id"], format_group_table(groups), "param_groups.txt")
 
     # ------------------------------------------------------------------ data: this worker's shard, in order
-    epoch, last_key = state.position(rank, world_size)
+    epoch, last_key, current = state.position(rank, world_size)  # current: [first epoch, end epoch, rows]
     spec = model.config.spec
     collator = Collator(pad_token_id=spec.decoder.pad_token_id, image_size=stage.image_size)
     stats = SkipStats(max_fraction=stage.data.max_bad_fraction, min_records=stage.data.min_records_for_check)
@@ -123,15 +123,22 @@ def train_stage(loop_config: dict[str, Any]) -> None:
 
     def batches():
         nonlocal epoch, last_key
+        # Each pass over the data pays the pipeline's start-up while training waits (10-15 s on 2 CPUs). The first
+        # pass streams one epoch and counts its rows; the next one streams every epoch the stage still needs, so
+        # a stage of many short epochs waits twice, not once an epoch. Batches run across the epochs of a pass.
         while True:
-            dataset = encoded(stage.data, spec.tokens_per_image, epoch, rank, world_size, last_key)
-            produced = False
+            fresh = last_key < 0
+            dataset = encoded(stage.data, spec.tokens_per_image, epoch, rank, world_size, last_key, current[1] - epoch)
             for batch in iterate(dataset, collator, stage.micro_batch_size, stats):
-                produced = True
+                current[2] += len(batch.ids)
                 yield batch
-            if not produced and last_key < 0:
+            first, end, rows = current
+            if not rows and fresh:
                 raise RuntimeError(f"stage {stage_name}: worker {rank} got no usable sample from its data shard")
-            epoch, last_key = epoch + 1, -1
+            needed = (stage.max_steps - state.step) * accumulation * stage.micro_batch_size
+            epochs = max(1, math.ceil(needed * (end - first) / rows)) if rows else 1
+            epoch, last_key = end, -1
+            current[:] = [end, end + epochs, 0]
 
     # ------------------------------------------------------------------ fit
     window = {"loss": 0.0, "micro": 0, "samples": 0, "tokens": 0, "images": 0, "start": time.perf_counter()}
@@ -150,7 +157,7 @@ def train_stage(loop_config: dict[str, Any]) -> None:
         finite = True
         for micro in range(accumulation):
             batch = next(stream)
-            last_key = batch.last_key
+            epoch, last_key = batch.epoch, batch.last_key
             inputs = batch.to(device, dtype)
             with parallel.gradient_sync(wrapped, sync=micro == accumulation - 1):
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
@@ -204,7 +211,8 @@ def train_stage(loop_config: dict[str, Any]) -> None:
         if metrics is not None:
             metrics["stage_index"] = stage_index
         if checkpointing:
-            _checkpoint(loop_config, wrapped, optimizer, scheduler, state, epoch, last_key, metrics, tracker, rank)
+            position = (epoch, last_key, current)
+            _checkpoint(loop_config, wrapped, optimizer, scheduler, state, position, metrics, tracker, rank)
             _crash_for_tests(loop_config, state.step)
         elif metrics is not None:
             _report(loop_config, metrics, None, tracker, state.step)
@@ -246,12 +254,13 @@ def _window_metrics(window, learning_rates, groups, grad_norm, state, stats) -> 
     return metrics
 
 
-def _checkpoint(loop_config, wrapped, optimizer, scheduler, state, epoch, last_key, metrics, tracker, rank) -> None:
+def _checkpoint(loop_config, wrapped, optimizer, scheduler, state, position, metrics, tracker, rank) -> None:
     import ray.train
 
-    positions = _all_gather((epoch, last_key))
+    positions = _all_gather(position)
     state.epochs = [p[0] for p in positions]
     state.last_keys = [p[1] for p in positions]
+    state.passes = [list(p[2]) for p in positions]
     metrics = metrics or {"step": state.step}
     # Every rank takes part: under FSDP2 these gather the full states to rank 0.
     model_state = parallel.model_state_for_checkpoint(wrapped)
