@@ -163,6 +163,21 @@ def describe(scene: Scene) -> str:
     return f"{', '.join(parts[:-1])} and {parts[-1]}."
 
 
+QUESTION_TEXT = {
+    "color": "What color is the shape at the {}?",
+    "shape": "What shape is at the {}?",
+    "position": "Where is the {}?",
+    "yes_no": "Is there a {}?",
+}
+"""Each question type's wording; the blank is a cell (``color``, ``shape``) or a colour-shape pair."""
+
+
+def _present_and_absent(names: Counter[str]) -> tuple[list[str], list[str]]:
+    """The colour-shape pairs a scene shows (``names``: pair -> count) and those it does not."""
+    absent = [f"{color} {shape}" for color in COLORS for shape in SHAPES if f"{color} {shape}" not in names]
+    return sorted(names), absent
+
+
 def questions(scene: Scene, rng: random.Random, yes: bool | None = None) -> list[tuple[str, str, str]]:
     """(type, question, answer) of every type in :data:`QUESTION_TYPES` order, each answered by the image.
 
@@ -176,21 +191,20 @@ def questions(scene: Scene, rng: random.Random, yes: bool | None = None) -> list
     color_at, color_item = rng.choice(objects)
     shape_at, shape_item = rng.choice(objects)
     result = [
-        ("color", f"What color is the shape at the {color_at}?", color_item.color),
-        ("shape", f"What shape is at the {shape_at}?", shape_item.shape),
+        ("color", QUESTION_TEXT["color"].format(color_at), color_item.color),
+        ("shape", QUESTION_TEXT["shape"].format(shape_at), shape_item.shape),
         ("count", "How many shapes are there?", NUMBER_WORDS[len(objects)]),
     ]
     names = Counter(item.name for _, item in objects)
     unique = [(position, item) for position, item in objects if names[item.name] == 1]
     if unique:
         position, item = rng.choice(unique)
-        result.append(("position", f"Where is the {item.name}?", position))
+        result.append(("position", QUESTION_TEXT["position"].format(item.name), position))
     if yes is None:
         yes = rng.random() < 0.5
-    present = sorted(names)
-    absent = [f"{color} {shape}" for color in COLORS for shape in SHAPES if f"{color} {shape}" not in names]
+    present, absent = _present_and_absent(names)
     asked = rng.choice(present if yes else absent)
-    result.append(("yes_no", f"Is there a {asked}?", "yes" if yes else "no"))
+    result.append(("yes_no", QUESTION_TEXT["yes_no"].format(asked), "yes" if yes else "no"))
     return result
 
 
@@ -210,22 +224,18 @@ def contrast_questions(
     for kind, question, answer in asked:
         if kind in ("color", "shape"):
             for position, item in scene.objects:
-                sibling = (
-                    f"What color is the shape at the {position}?"
-                    if kind == "color"
-                    else f"What shape is at the {position}?"
-                )
+                sibling = QUESTION_TEXT[kind].format(position)
                 if sibling != question:
                     result.append((kind, sibling, item.color if kind == "color" else item.shape))
         elif kind == "position":
             for position, item in scene.objects:
-                if names[item.name] == 1 and f"Where is the {item.name}?" != question:
-                    result.append(("position", f"Where is the {item.name}?", position))
+                sibling = QUESTION_TEXT["position"].format(item.name)
+                if names[item.name] == 1 and sibling != question:
+                    result.append(("position", sibling, position))
         elif kind == "yes_no":
-            present = sorted(names)
-            absent = [f"{color} {shape}" for color in COLORS for shape in SHAPES if f"{color} {shape}" not in names]
+            present, absent = _present_and_absent(names)
             pair = rng.choice(absent if answer == "yes" else present)
-            result.append(("yes_no", f"Is there a {pair}?", "no" if answer == "yes" else "yes"))
+            result.append(("yes_no", QUESTION_TEXT["yes_no"].format(pair), "no" if answer == "yes" else "yes"))
     return result
 
 
@@ -547,12 +557,10 @@ def _coverage_text() -> list[str]:
     for template in TEMPLATES.values():  # the prompt text the training code wraps every conversation in
         system = f"{template.system} " if template.system else ""
         lines.append(f"{system}{template.user}: {template.assistant}:")
-    object_questions = ["What color is the shape at the {position}?", "What shape is at the {position}?"]
-    pair_questions = ["Where is the {color} {shape}?", "Is there a {color} {shape}?"]
     for color, shape, position in itertools.product(COLORS, SHAPES, POSITIONS):
         lines.append(f"a {color} {shape} at the {position}, a {color} {shape} at the {position} and")
-        asked = [text.format(position=position) for text in object_questions]
-        asked += [text.format(color=color, shape=shape) for text in pair_questions]
+        asked = [QUESTION_TEXT[kind].format(position) for kind in ("color", "shape")]
+        asked += [QUESTION_TEXT[kind].format(f"{color} {shape}") for kind in ("position", "yes_no")]
         # Training renders an image turn as "<|image|>\n{question}": after the image the text starts with a
         # newline, so there the question's first word comes without SentencePiece's "▁".
         lines += [f"\n{question}" for question in [*asked, "How many shapes are there?"]]
