@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from owl2.config import load_experiment
 from owl2.data.synth import generate_world
 from owl2.model.vision import resample_position_embedding
+from owl2.train.faults import Fault, write_plan
 from owl2.train.trainer import run_experiment
 
 PIPELINE = Path(__file__).resolve().parents[1] / "experiments" / "tiny_cpu" / "pipeline.yaml"
@@ -128,9 +129,9 @@ def test_resume_equals_an_uninterrupted_run(ray_cluster, world, tmp_path):
     steps = "stages.stage1.max_steps=10"
     straight = run_experiment(_experiment(world, "straight", steps), stages=["stage1"])[0]
 
-    crash = {"_crash_once": {"step": 6, "marker": str(tmp_path / "crashed")}}
+    write_plan(world / "runs", [Fault(run="interrupted-stage1", step=6, marker=str(tmp_path / "crashed"))])
     with pytest.raises(ray.train.TrainingFailedError):  # max_failures=0: the crash after step 6 is final
-        run_experiment(_experiment(world, "interrupted", steps, "max_failures=0"), stages=["stage1"], **crash)
+        run_experiment(_experiment(world, "interrupted", steps, "max_failures=0"), stages=["stage1"])
     resumed = run_experiment(_experiment(world, "interrupted", steps), stages=["stage1"])[0]
 
     assert _state(resumed)["resumed_at"] == [6] and _state(resumed)["step"] == 10
@@ -143,8 +144,8 @@ def test_resume_equals_an_uninterrupted_run(ray_cluster, world, tmp_path):
 
 
 def test_a_killed_worker_restarts_from_its_checkpoint_and_finishes(ray_cluster, world, tmp_path):
-    crash = {"_crash_once": {"step": 2, "marker": str(tmp_path / "killed")}}
-    result = run_experiment(_experiment(world, "killed", "max_failures=1"), stages=["stage1"], **crash)[0]
+    write_plan(world / "runs", [Fault(run="killed-stage1", step=2, marker=str(tmp_path / "killed"))])
+    result = run_experiment(_experiment(world, "killed", "max_failures=1"), stages=["stage1"])[0]
     assert (tmp_path / "killed").exists()
     state = _state(result)
     assert state["step"] == 4 and state["resumed_at"] == [2]

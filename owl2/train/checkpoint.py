@@ -27,6 +27,26 @@ EXPERIMENT_FILE = "experiment.yaml"
 
 
 @dataclass
+class DataPass:
+    """One execution of a worker's data pipeline: epochs ``first`` to ``end`` (exclusive), ``rows`` good rows
+    consumed so far. The loop streams one epoch first (to count rows), then every epoch it still needs."""
+
+    first: int = 0
+    end: int = 1
+    rows: int = 0
+
+
+@dataclass
+class DataPosition:
+    """Where a worker is in its data: the epoch in progress, the order key of the last sample it consumed
+    (-1: none yet in that epoch) and the pass in progress."""
+
+    epoch: int = 0
+    last_key: int = -1
+    current: DataPass = field(default_factory=DataPass)
+
+
+@dataclass
 class TrainState:
     """Everything besides tensors that a resumed stage needs to continue exactly."""
 
@@ -49,10 +69,10 @@ class TrainState:
     resumed_at: list[int] = field(default_factory=list)
     """Steps at which this stage was resumed from a checkpoint (after a failure or a re-run)."""
 
-    def position(self, rank: int, world_size: int) -> tuple[int, int, list[int]]:
-        """(epoch, last key, pass) where ``rank`` continues; a fresh stage starts at (0, -1, [0, 1, 0])."""
+    def position(self, rank: int, world_size: int) -> DataPosition:
+        """Where ``rank`` continues; a fresh stage starts at epoch 0 before its first key, in pass [0, 1)."""
         if not self.last_keys:
-            return 0, -1, [0, 1, 0]
+            return DataPosition()
         if len(self.last_keys) != world_size:
             raise ValueError(
                 f"the checkpoint of stage {self.stage!r} was written by {len(self.last_keys)} workers; resuming "
@@ -61,8 +81,14 @@ class TrainState:
             )
         epoch = self.epochs[rank]
         # Checkpoints from before passes: the rest of the epoch in progress is a pass of its own.
-        current = list(self.passes[rank]) if self.passes else [epoch, epoch + 1, 0]
-        return epoch, self.last_keys[rank], current
+        current = DataPass(*self.passes[rank]) if self.passes else DataPass(epoch, epoch + 1, 0)
+        return DataPosition(epoch, self.last_keys[rank], current)
+
+    def record_positions(self, positions: list[DataPosition]) -> None:
+        """Keep every rank's position (gathered in rank order) for the checkpoint."""
+        self.epochs = [p.epoch for p in positions]
+        self.last_keys = [p.last_key for p in positions]
+        self.passes = [[p.current.first, p.current.end, p.current.rows] for p in positions]
 
 
 def save(

@@ -102,7 +102,6 @@ def run_experiment(
     extra_params: dict[str, Any] | None = None,
     callbacks: list[Any] | None = None,
     progress: bool = True,
-    **loop_extras: Any,
 ) -> list[StageResult]:
     """Run ``stages`` (default: all, in order); each starts from the previous stage's last checkpoint.
 
@@ -145,9 +144,7 @@ def run_experiment(
                     continue
                 init_from = stage.init_from or (previous.checkpoint.path if previous else None)
                 queue = printer.queue if printer is not None else None
-                result = run_stage(
-                    experiment, name, tracker, parent, config_yaml, init_from, callbacks, progress=queue, **loop_extras
-                )
+                result = run_stage(experiment, name, tracker, parent, config_yaml, init_from, callbacks, queue)
                 results.append(result)
                 previous = result
     except BaseException:
@@ -165,13 +162,15 @@ def run_stage(
     config_yaml: str,
     init_from: str | None,
     callbacks: list[Any] | None = None,
-    **loop_extras: Any,
+    progress: Any = None,
 ) -> StageResult:
-    """One stage as a ``TorchTrainer`` run named ``<experiment>-<stage>`` (re-running it resumes it)."""
+    """One stage as a ``TorchTrainer`` run named ``<experiment>-<stage>`` (re-running it resumes it);
+    ``progress`` is the queue that carries the rank-0 worker's progress lines to this terminal."""
     import ray.train
     from ray.train.torch import TorchTrainer
 
     from owl2.tracking import data_fingerprint, run_tags
+    from owl2.train.job import StageJob
     from owl2.train.loop import train_stage
 
     stage = experiment.stages[name]
@@ -195,24 +194,23 @@ def run_stage(
     per_worker = {"CPU": resources.cpus_per_worker}
     if resources.use_gpu:
         per_worker["GPU"] = resources.gpus_per_worker
+    job = StageJob(
+        experiment=experiment,
+        stage_name=name,
+        experiment_yaml=config_yaml,
+        init_from=ray.train.Checkpoint(init_from) if init_from else None,
+        tracking_uri=tracker.tracking_uri,
+        run_id=run_id,
+        progress=progress,
+    )
     trainer = TorchTrainer(
         train_stage,
-        train_loop_config={
-            "experiment": to_dict(experiment),
-            "experiment_yaml": config_yaml,
-            "stage": name,
-            "init_from": ray.train.Checkpoint(init_from) if init_from else None,
-            "tracking_uri": tracker.tracking_uri,
-            "run_id": run_id,
-            "max_steps": stage.max_steps,
-            "global_batch_size": stage.global_batch_size,
-            **loop_extras,
-        },
+        train_loop_config={"job": job},
         scaling_config=ray.train.ScalingConfig(  # Ray
             num_workers=resources.num_workers, use_gpu=resources.use_gpu, resources_per_worker=per_worker
         ),
         run_config=ray.train.RunConfig(  # Ray
-            name=f"{experiment.name}-{name}",
+            name=job.run_name,
             storage_path=experiment.storage_path,
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
             failure_config=ray.train.FailureConfig(max_failures=experiment.max_failures),

@@ -1,0 +1,100 @@
+"""What a logging window reports: loss, throughput, skipped records and learning rates, over all workers.
+
+The loop adds every micro-batch to a :class:`LogWindow`; at a logging step :func:`window_metrics` sums the
+windows of all ranks (one gather) and turns them into the metrics that go to Ray Train, MLflow and the
+terminal. The loss is kept on the device, weighted by the micro-batch's supervised tokens, so it is read
+once per window rather than once per micro-batch; everything else is known on the host.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from owl2.config import IGNORE_INDEX
+from owl2.data.pipeline import Batch
+from owl2.data.sample import SkipStats
+from owl2.train.checkpoint import TrainState
+
+
+def supervised_tokens(batch: Batch) -> int:
+    """Positions whose next token is a label (the loss's denominator), counted on the host."""
+    return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+
+
+def decoder_tokens(batch: Batch, tokens_per_image: int) -> int:
+    """Real tokens the decoder sees: text tokens plus each image's placeholder expanded to its tokens."""
+    images = len(batch.images)
+    return int(batch.attention_mask.sum()) + images * (tokens_per_image - 1)
+
+
+@dataclass
+class LogWindow:
+    """One worker's micro-batches since the last logging step."""
+
+    loss_sum: torch.Tensor | None = None
+    """Sum over micro-batches of mean loss x supervised tokens (on the device)."""
+    supervised: int = 0
+    micro: int = 0
+    samples: int = 0
+    tokens: int = 0
+    images: int = 0
+    start: float = field(default_factory=time.perf_counter)
+
+    def add(self, batch: Batch, loss: torch.Tensor, tokens_per_image: int) -> None:
+        supervised = supervised_tokens(batch)
+        weighted = loss.detach().double() * supervised
+        self.loss_sum = weighted if self.loss_sum is None else self.loss_sum + weighted
+        self.supervised += supervised
+        self.micro += 1
+        self.samples += len(batch.ids)
+        self.tokens += decoder_tokens(batch, tokens_per_image)
+        self.images += len(batch.images)
+
+    def totals(self) -> tuple[float, int, int, int, int, int]:
+        loss = float(self.loss_sum) if self.loss_sum is not None else 0.0  # the window's one device read
+        return loss, self.supervised, self.micro, self.samples, self.tokens, self.images
+
+
+def window_metrics(
+    window: LogWindow,
+    state: TrainState,
+    stats: SkipStats,
+    learning_rates: Sequence[float],
+    groups: Sequence[dict[str, Any]],
+    grad_norm: float,
+    all_gather: Callable[[Any], list[Any]],
+) -> dict[str, float]:
+    """The metrics of a logging step over every rank; also advances ``state``'s counters."""
+    elapsed = max(time.perf_counter() - window.start, 1e-9)
+    loss, supervised, micro, samples, tokens, images = (
+        sum(values) for values in zip(*all_gather(window.totals()), strict=True)
+    )
+    merged = SkipStats()
+    for part in all_gather(stats):
+        merged.merge(part)
+    state.samples += int(samples)
+    state.tokens += int(tokens)
+    state.images += int(images)
+    state.skipped = dict(merged.skipped)
+    state.records_seen = merged.seen
+    metrics = {
+        "step": state.step,
+        "loss": loss / supervised if supervised else float("nan"),
+        "grad_norm": grad_norm,
+        "samples_per_s": samples / elapsed,
+        "tokens_per_s": tokens / elapsed,
+        "images_per_s": images / elapsed,
+        "samples": state.samples,
+        "nonfinite_steps": state.nonfinite_steps,
+        "records_seen": merged.seen,
+        "records_skipped": sum(merged.skipped.values()),
+    }
+    metrics.update({f"skipped/{reason}": count for reason, count in merged.skipped.items()})
+    for group, rate in zip(groups, learning_rates, strict=True):
+        metrics[f"lr/{group['name']}"] = rate
+    return metrics
