@@ -12,7 +12,18 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from owl2.config import DATA_FORMATS, RESIZE_MODES, TEMPLATE_NAMES, ConfigError, DataConfig, ModelConfig, build, to_dict
+from owl2.config import (
+    DATA_FORMATS,
+    EVAL_SUITES,
+    MODEL_PRESETS,
+    RESIZE_MODES,
+    TEMPLATE_NAMES,
+    ConfigError,
+    DataConfig,
+    ModelConfig,
+    build,
+    to_dict,
+)
 
 # Exit code for a bad command line or configuration, as argparse uses for usage errors.
 USAGE_ERROR = 2
@@ -38,7 +49,15 @@ def _quiet_mlflow() -> None:
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="owl2", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_run_commands(commands)
+    _add_model_commands(commands)
+    _add_data_commands(commands)
+    add_eval_commands(commands)
+    return parser
 
+
+def _add_run_commands(commands: Any) -> None:
+    """``train``, ``demo`` and ``sweep``: the commands that run Ray Train (their options are shared with ray_jobs/)."""
     train = commands.add_parser("train", help="run an experiment's training stages on Ray Train")
     add_train_arguments(train)
     train.set_defaults(handler=run_train)
@@ -53,12 +72,15 @@ def _build_parser() -> argparse.ArgumentParser:
     add_sweep_arguments(sweep)
     sweep.set_defaults(handler=run_sweep_command)
 
+
+def _add_model_commands(commands: Any) -> None:
+    """``model summary``, ``model convert`` and ``model build``."""
     model = commands.add_parser("model", help="inspect model configurations")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="COMMAND")
     summary = model_commands.add_parser(
         "summary", help="print a preset's configuration and parameter counts (no weights are allocated)"
     )
-    summary.add_argument("--preset", required=True, help="model preset: debug, tiny-cpu or owl2-7b")
+    summary.add_argument("--preset", required=True, help=f"model preset: {', '.join(MODEL_PRESETS)}")
     summary.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. decoder.num_layers=4")
     summary.set_defaults(handler=_model_summary)
 
@@ -86,6 +108,9 @@ def _build_parser() -> argparse.ArgumentParser:
     build.add_argument("--dtype", choices=sorted(DTYPES), help="parameter dtype, e.g. bfloat16")
     build.set_defaults(handler=_model_build)
 
+
+def _add_data_commands(commands: Any) -> None:
+    """``data synth`` and ``data stats``; the stats defaults are the data config's own."""
     data = commands.add_parser("data", help="prepare datasets")
     data_commands = data.add_subparsers(dest="data_command", required=True, metavar="COMMAND")
     synth = data_commands.add_parser(
@@ -93,11 +118,12 @@ def _build_parser() -> argparse.ArgumentParser:
     )
     synth.add_argument("--out", required=True, help="folder to write (missing, empty or an earlier world)")
     synth.add_argument("--seed", type=int, default=0, help="random seed; the same seed writes identical files")
-    synth.add_argument("--train", type=int, default=2000, help="training images (default 2000)")
-    synth.add_argument("--heldout", type=int, default=200, help="held-out images (default 200)")
-    synth.add_argument("--image-size", type=int, default=112, help="image side in pixels (default 112)")
+    synth.add_argument("--train", type=int, default=2000, help="training images (default %(default)s)")
+    synth.add_argument("--heldout", type=int, default=200, help="held-out images (default %(default)s)")
+    synth.add_argument("--image-size", type=int, default=112, help="image side in pixels (default %(default)s)")
     synth.set_defaults(handler=_data_synth)
 
+    defaults = DataConfig()
     stats = data_commands.add_parser(
         "stats", help="run a dataset through the training pipeline and print a JSON summary (counts, skips, lengths)"
     )
@@ -105,14 +131,12 @@ def _build_parser() -> argparse.ArgumentParser:
     stats.add_argument("--path", required=True, nargs="+", help="data file(s) or folder(s), local or URI")
     stats.add_argument("--image-root", help="folder that relative image paths are under (default: beside the file)")
     stats.add_argument("--tokenizer", required=True, help="folder with tokenizer.model (e.g. the checkpoint folder)")
-    stats.add_argument("--template", default="vicuna_v1", choices=TEMPLATE_NAMES, help="chat template")
-    stats.add_argument("--max-length", type=int, default=2048, help="sequence limit in decoder tokens")
-    stats.add_argument("--image-size", type=int, default=448, help="training resolution")
-    stats.add_argument("--resize", default="stretch", choices=RESIZE_MODES, help="how images become square")
+    stats.add_argument("--template", default=defaults.template, choices=TEMPLATE_NAMES, help="chat template")
+    stats.add_argument("--max-length", type=int, default=defaults.max_length, help="sequence limit in decoder tokens")
+    stats.add_argument("--image-size", type=int, default=defaults.image_size, help="training resolution")
+    stats.add_argument("--resize", default=defaults.resize, choices=RESIZE_MODES, help="how images become square")
     stats.add_argument("--preset", default="owl2-7b", help="model preset giving the tokens per image (owl2-7b: 65)")
     stats.set_defaults(handler=_data_stats)
-    add_eval_commands(commands)
-    return parser
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
@@ -339,12 +363,14 @@ def add_eval_commands(commands: Any) -> None:
 
     evaluate = commands.add_parser("eval", help="evaluate a checkpoint on a benchmark suite, tracked in MLflow")
     checkpoint_arguments(evaluate)
-    evaluate.add_argument("--suite", required=True, choices=("shapes", "vqa", "mmbench", "mme", "captions"))
+    evaluate.add_argument("--suite", required=True, choices=EVAL_SUITES)
     evaluate.add_argument("--data", help="benchmark file or folder (shapes: the world folder, default: the model's)")
     evaluate.add_argument("--image-root", help="folder relative image paths are under (default: beside --data)")
-    evaluate.add_argument("--batch-size", type=int, default=8, help="items per generate() call (default 8)")
+    evaluate.add_argument("--batch-size", type=int, default=8, help="items per generate() call (default %(default)s)")
     evaluate.add_argument("--limit", type=int, help="evaluate the first N items (of each split for shapes)")
-    evaluate.add_argument("--num-actors", type=int, default=1, help="Ray actors holding a model each (default 1)")
+    evaluate.add_argument(
+        "--num-actors", type=int, default=1, help="Ray actors holding a model each (default %(default)s)"
+    )
     evaluate.add_argument("--gpu", action="store_true", help="one GPU per actor")
     evaluate.add_argument("--output", help="predictions JSONL to write (default: a temporary file, logged to MLflow)")
     evaluate.add_argument("--no-mlflow", action="store_true", help="do not log an MLflow eval run")
@@ -354,7 +380,7 @@ def add_eval_commands(commands: Any) -> None:
     checkpoint_arguments(generate)
     generate.add_argument("--prompt", required=True, help="the question; <|image|> marks where the image goes")
     generate.add_argument("--image", action="append", default=[], help="image file or URI (repeatable)")
-    generate.add_argument("--max-new-tokens", type=int, default=128, help="default 128")
+    generate.add_argument("--max-new-tokens", type=int, default=128, help="default %(default)s")
     generate.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy decoding")
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when --temperature > 0")
     generate.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")
@@ -362,7 +388,7 @@ def add_eval_commands(commands: Any) -> None:
 
     chat = commands.add_parser("chat", help="interactive multi-turn chat; /image PATH, /reset, /quit")
     checkpoint_arguments(chat)
-    chat.add_argument("--max-new-tokens", type=int, default=512, help="per reply (default 512)")
+    chat.add_argument("--max-new-tokens", type=int, default=512, help="per reply (default %(default)s)")
     chat.add_argument("--temperature", type=float, default=0.0, help="0 (default): greedy decoding")
     chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling when --temperature > 0")
     chat.add_argument("--device", help="cuda, cpu, ... (default: cuda when available)")

@@ -87,3 +87,29 @@ def test_model_convert_carries_the_tokenizer_along(tmp_path, golden_dir, spm_tok
 def test_model_convert_of_a_missing_folder_is_a_clean_error(tmp_path, capsys) -> None:
     assert main(["model", "convert", str(tmp_path / "nowhere"), "--out", str(tmp_path / "out")]) == 2
     assert "config.json" in capsys.readouterr().err
+
+
+def test_data_stats_defaults_are_the_data_configs() -> None:
+    from owl2.cli import _build_parser
+    from owl2.config import DataConfig
+
+    args = _build_parser().parse_args(["data", "stats", "--format", "llava", "--path", "a.json", "--tokenizer", "t"])
+    defaults = DataConfig()
+    assert (args.template, args.max_length, args.image_size, args.resize) == (
+        defaults.template,
+        defaults.max_length,
+        defaults.image_size,
+        defaults.resize,
+    )
+
+
+def test_eval_suites_are_the_configs(capsys: pytest.CaptureFixture[str]) -> None:
+    from owl2.cli import _build_parser
+    from owl2.config import EVAL_SUITES
+
+    parser = _build_parser()
+    for suite in EVAL_SUITES:
+        assert parser.parse_args(["eval", "--checkpoint", "c", "--suite", suite]).suite == suite
+    with pytest.raises(SystemExit) as exit_info:
+        parser.parse_args(["eval", "--checkpoint", "c", "--suite", "imagenet"])
+    assert exit_info.value.code == 2 and "invalid choice: 'imagenet'" in capsys.readouterr().err

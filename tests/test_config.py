@@ -145,6 +145,40 @@ def test_nested_section_errors_name_the_full_key():
         load_experiment(PIPELINE, ["stages.stage2.data.resize=squash"])
 
 
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("stages.stage1.max_steps=0", r"^stages.stage1.max_steps must be positive, got 0$"),
+        ("stages.stage2.precision=fp16", r"^stages.stage2.precision 'fp16' must be one of \['auto', 'bf16', 'fp32'\]"),
+        ("stages.stage2.trainable=[]", r"^stages.stage2.trainable must name at least one part"),
+        ("stages.stage1.max_nonfinite_steps=-1", r"^stages.stage1.max_nonfinite_steps must be >= 0, got -1$"),
+        ("stages.stage1.optim.warmup_steps=100000", r"^stages.stage1.optim.warmup_steps \(100000\) exceeds the stage"),
+        ("stages.stage2.optim.layer_decay=0", r"^stages.stage2.optim.layer_decay must lie in \(0, 1\], got 0"),
+        ("stages.stage1.data.max_bad_fraction=2", r"^stages.stage1.data.max_bad_fraction must lie in \[0, 1\], got 2"),
+        (
+            "stages.stage1.data.sources=[{format: coco, path: x.json}]",
+            r"^stages.stage1.data.sources\[0\].format 'coco' must be one of \['llava', 'captions', 'webdataset'\]",
+        ),
+        ("resources.cpus_per_worker=0", r"^resources.cpus_per_worker must be positive, got 0"),
+        ("model.preset=huge", r"^model.preset 'huge' must be one of \['debug', 'owl2-7b', 'tiny-cpu'\]"),
+    ],
+)
+def test_stage_and_source_errors_name_the_full_key(override, message):
+    from owl2.config import load_experiment
+
+    with pytest.raises(ConfigError, match=message):
+        load_experiment(PIPELINE, [override])
+
+
+def test_a_stage_built_alone_names_its_keys_by_section():
+    from owl2.config import SourceConfig, StageConfig
+
+    with pytest.raises(ConfigError, match=r"^stage.checkpoint_every must be positive, got 0$"):
+        StageConfig(checkpoint_every=0)
+    with pytest.raises(ConfigError, match=r"^source.weight must be positive, got -1"):
+        build(SourceConfig, {"format": "llava", "path": "a.json", "weight": -1})
+
+
 def test_eval_suites_are_the_runners():
     from owl2.config import EVAL_SUITES
     from owl2.eval.runner import SUITES

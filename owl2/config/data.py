@@ -1,0 +1,80 @@
+"""What to read and how it becomes model inputs: dataset sources and the data pipeline's settings."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import ClassVar
+
+from owl2.config.core import at_least, check, in_range, one_of, positive
+
+DATA_FORMATS = ("llava", "captions", "webdataset")
+TEMPLATE_NAMES = ("mplug_owl2", "vicuna_v1")
+RESIZE_MODES = ("stretch", "pad", "crop")
+
+
+@dataclasses.dataclass
+class SourceConfig:
+    """One dataset of a mixture."""
+
+    section: ClassVar[str] = "source"
+    """The key this config's messages start with; a list item has no name of its own (``build`` supplies it)."""
+
+    format: str
+    """``llava`` (conversation JSON/JSONL), ``captions`` (JSONL/CSV/parquet) or ``webdataset`` (.tar shards)."""
+    path: str | list[str]
+    """File(s) or folder(s); local paths or URIs such as ``s3://bucket/prefix``."""
+    image_root: str | None = None
+    """Folder that relative image paths are under (default: beside the data file)."""
+    name: str | None = None
+    """Label in metrics (default: the file's stem)."""
+    weight: float = 1.0
+    """Expected number of times each sample is seen per epoch: 2.0 doubles a source, 0.5 takes a different
+    (deterministic) half each epoch."""
+
+    def __post_init__(self) -> None:
+        one_of(self.format, DATA_FORMATS, "source.format")
+        check(bool(self.path), "source.path must not be empty")
+        positive(self.weight, "source.weight")
+
+    @property
+    def label(self) -> str:
+        first = self.path if isinstance(self.path, str) else self.path[0]
+        return self.name or Path(first.rstrip("/").split("://")[-1]).stem
+
+
+@dataclasses.dataclass
+class DataConfig:
+    """What to read and how to turn it into model inputs."""
+
+    sources: list[SourceConfig] = dataclasses.field(default_factory=list)
+    tokenizer: str = ""
+    """Folder with the LLaMA ``tokenizer.model`` (e.g. the checkpoint folder)."""
+    template: str = "vicuna_v1"
+    """Conversation template for chat samples (captions always use the plain image-then-caption form)."""
+    max_length: int = 2048
+    """Longest sequence in decoder tokens, each image counting as its num_queries + 1 tokens."""
+    image_size: int = 448
+    resize: str = "stretch"
+    """``stretch`` to a square (the official evaluation), ``pad`` to a square with the mean colour (the
+    official fine-tuning), or ``crop`` (shortest side, then centre crop)."""
+    max_image_pixels: int = 64_000_000
+    """Larger images are skipped as possible decompression bombs."""
+    max_bad_fraction: float = 0.05
+    """Stop when more than this fraction of the records seen so far was skipped (after ``min_records_for_check``)."""
+    min_records_for_check: int = 200
+    seed: int = 0
+    tokenizer_actors: int = 1
+    """At least this many ``Encode`` actors (tokenise + decode) per worker's pipeline; by default one per CPU of the
+    worker's share of the cluster."""
+
+    def __post_init__(self) -> None:
+        one_of(self.template, TEMPLATE_NAMES, "data.template")
+        one_of(self.resize, RESIZE_MODES, "data.resize")
+        positive(self.max_length, "data.max_length")
+        positive(self.image_size, "data.image_size")
+        in_range(self.max_bad_fraction, 0, 1, "data.max_bad_fraction")
+        at_least(self.tokenizer_actors, 1, "data.tokenizer_actors")
+        labels = [source.label for source in self.sources]
+        duplicates = sorted({label for label in labels if labels.count(label) > 1})
+        check(not duplicates, f"data.sources have duplicate names {duplicates}: give each a distinct 'name'")

@@ -1,0 +1,257 @@
+"""The architecture: vision encoder, visual abstractor, decoder, and the named presets."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from owl2.config.core import ConfigError, check, divides, positive
+from owl2.config.loading import build, merge, parse_overrides
+
+
+@dataclasses.dataclass
+class VisionConfig:
+    """ViT-L/14-style vision encoder (CLIP layout, pre-norm, quick_gelu, CLS token kept)."""
+
+    hidden_size: int = 1024
+    num_layers: int = 24
+    num_heads: int = 16
+    intermediate_size: int = 4096
+    image_size: int = 448
+    patch_size: int = 14
+    layer_norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "image_size", "patch_size"):
+            positive(getattr(self, name), f"vision.{name}")
+        divides(self.num_heads, self.hidden_size, "vision.num_heads", "vision.hidden_size")
+        check(
+            self.image_size % self.patch_size == 0,
+            f"vision.image_size ({self.image_size}) must be a multiple of vision.patch_size ({self.patch_size})",
+        )
+
+    @property
+    def grid_size(self) -> int:
+        return self.image_size // self.patch_size
+
+    @property
+    def num_tokens(self) -> int:
+        """Patch tokens plus the CLS token."""
+        return self.grid_size**2 + 1
+
+
+@dataclasses.dataclass
+class AbstractorConfig:
+    """Visual abstractor: learnable queries that summarise the image for the decoder."""
+
+    hidden_size: int = 1024
+    num_layers: int = 6
+    num_heads: int = 16
+    intermediate_size: int = 2816
+    num_queries: int = 64
+    layer_norm_eps: float = 1e-6
+    """Epsilon of the LayerNorm inside the SwiGLU; the query/key norms keep PyTorch's 1e-5 as officially."""
+
+    def __post_init__(self) -> None:
+        for name in ("hidden_size", "num_layers", "num_heads", "intermediate_size", "num_queries"):
+            positive(getattr(self, name), f"abstractor.{name}")
+        divides(self.num_heads, self.hidden_size, "abstractor.num_heads", "abstractor.hidden_size")
+        check(
+            (self.hidden_size // 2) % 2 == 0,
+            f"abstractor.hidden_size ({self.hidden_size}) must be a multiple of 4 for the 2-D sin-cos positions",
+        )
+
+    @property
+    def tokens_per_image(self) -> int:
+        """Decoder tokens one image becomes: the queries plus the appended ``vit_eos``."""
+        return self.num_queries + 1
+
+
+@dataclasses.dataclass
+class DecoderConfig:
+    """LLaMA-2 decoder with the modality-adaptive module (per-modality norms and K/V)."""
+
+    vocab_size: int = 32000
+    hidden_size: int = 4096
+    intermediate_size: int = 11008
+    num_layers: int = 32
+    num_heads: int = 32
+    num_kv_heads: int = 32
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    max_position_embeddings: int = 2048
+    pad_token_id: int = 0
+    bos_token_id: int = 1
+    eos_token_id: int = 2
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
+            positive(getattr(self, name), f"decoder.{name}")
+        divides(self.num_heads, self.hidden_size, "decoder.num_heads", "decoder.hidden_size")
+        check(
+            (self.hidden_size // self.num_heads) % 2 == 0,
+            f"decoder head size ({self.hidden_size // self.num_heads}) must be even for rotary embeddings",
+        )
+        divides(self.num_kv_heads, self.num_heads, "decoder.num_kv_heads", "decoder.num_heads")
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+            value = getattr(self, name)
+            check(
+                0 <= value < self.vocab_size,
+                f"decoder.{name} ({value}) must lie in [0, decoder.vocab_size={self.vocab_size})",
+            )
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+
+@dataclasses.dataclass
+class ModelConfig:
+    """The whole mPLUG-Owl2 architecture."""
+
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    abstractor: AbstractorConfig = dataclasses.field(default_factory=AbstractorConfig)
+    decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
+
+    def __post_init__(self) -> None:
+        check(
+            self.abstractor.hidden_size == self.vision.hidden_size,
+            f"abstractor.hidden_size ({self.abstractor.hidden_size}) must equal vision.hidden_size "
+            f"({self.vision.hidden_size}): the abstractor's keys are the vision tokens themselves",
+        )
+
+    @property
+    def tokens_per_image(self) -> int:
+        return self.abstractor.tokens_per_image
+
+    @classmethod
+    def from_preset(cls, name: str, overrides: dict[str, Any] | list[str] | None = None) -> ModelConfig:
+        """A preset with overrides applied, e.g. ``from_preset("tiny-cpu", ["abstractor.num_queries=32"])``."""
+        if name not in MODEL_PRESETS:
+            raise ConfigError(f"unknown model preset {name!r}; choose one of {sorted(MODEL_PRESETS)}")
+        if isinstance(overrides, list):
+            overrides = parse_overrides(overrides)
+        return build(cls, merge(MODEL_PRESETS[name], overrides or {}), "model")
+
+    @classmethod
+    def from_official(cls, official: dict[str, Any]) -> ModelConfig:
+        """Read the released checkpoint's ``config.json`` (model_type ``mplug_owl2``)."""
+        if official.get("model_type") != "mplug_owl2":
+            raise ConfigError(f"config.json model_type is {official.get('model_type')!r}, expected 'mplug_owl2'")
+        if official.get("rope_scaling"):
+            raise ConfigError("config.json rope_scaling is set; owl2 supports plain RoPE only (rope_scaling: null)")
+        if official.get("tie_word_embeddings"):
+            raise ConfigError("config.json tie_word_embeddings is true; mPLUG-Owl2 has an untied lm_head")
+        visual = official.get("visual_config") or {}
+        vit, abstractor = visual.get("visual_model") or {}, visual.get("visual_abstractor") or {}
+        if vit.get("hidden_act", "quick_gelu") != "quick_gelu":
+            raise ConfigError(f"visual_config.visual_model.hidden_act is {vit['hidden_act']!r}; only quick_gelu")
+        if not vit.get("use_cls_token", True) or not abstractor.get("use_cls_token", True):
+            raise ConfigError("visual_config use_cls_token=false (the Owl2.1 ViT-G variant) is not supported")
+        if abstractor.get("add_v2t_pos_emb"):
+            raise ConfigError("visual_config.visual_abstractor.add_v2t_pos_emb=true is not supported")
+        vision_cfg = VisionConfig(
+            **_pick(
+                vit,
+                "visual_config.visual_model",
+                hidden_size="hidden_size",
+                num_layers="num_hidden_layers",
+                num_heads="num_attention_heads",
+                intermediate_size="intermediate_size",
+                image_size="image_size",
+                patch_size="patch_size",
+                layer_norm_eps="layer_norm_eps",
+            )
+        )
+        grid = abstractor.get("grid_size", vision_cfg.grid_size)
+        if grid != vision_cfg.grid_size:
+            raise ConfigError(
+                f"visual_config.visual_abstractor.grid_size ({grid}) must equal image_size/patch_size "
+                f"({vision_cfg.grid_size})"
+            )
+        encoder_width = abstractor.get("encoder_hidden_size", vision_cfg.hidden_size)
+        if encoder_width != vision_cfg.hidden_size:
+            raise ConfigError(
+                f"visual_config.visual_abstractor.encoder_hidden_size ({encoder_width}) must equal the vision "
+                f"hidden_size ({vision_cfg.hidden_size})"
+            )
+        abstractor_cfg = AbstractorConfig(
+            **_pick(
+                abstractor,
+                "visual_config.visual_abstractor",
+                hidden_size="hidden_size",
+                num_layers="num_hidden_layers",
+                num_heads="num_attention_heads",
+                intermediate_size="intermediate_size",
+                num_queries="num_learnable_queries",
+                layer_norm_eps="layer_norm_eps",
+            )
+        )
+        decoder_fields = _pick(
+            official,
+            "config.json",
+            vocab_size="vocab_size",
+            hidden_size="hidden_size",
+            intermediate_size="intermediate_size",
+            num_layers="num_hidden_layers",
+            num_heads="num_attention_heads",
+            rms_norm_eps="rms_norm_eps",
+            max_position_embeddings="max_position_embeddings",
+        )
+        decoder_fields["num_kv_heads"] = official.get("num_key_value_heads") or decoder_fields["num_heads"]
+        for ours, theirs, default in (
+            ("rope_theta", "rope_theta", 10000.0),
+            ("pad_token_id", "pad_token_id", 0),
+            ("bos_token_id", "bos_token_id", 1),
+            ("eos_token_id", "eos_token_id", 2),
+        ):
+            value = official.get(theirs)
+            decoder_fields[ours] = default if value is None else value
+        decoder_fields["rope_theta"] = float(decoder_fields["rope_theta"])
+        return cls(vision=vision_cfg, abstractor=abstractor_cfg, decoder=DecoderConfig(**decoder_fields))
+
+
+def _pick(source: dict[str, Any], where: str, **names: str) -> dict[str, Any]:
+    """Rename the official fields to ours; a missing field is an error naming it."""
+    missing = [theirs for theirs in names.values() if theirs not in source]
+    if missing:
+        raise ConfigError(f"{where} lacks field(s) {missing}")
+    return {ours: source[theirs] for ours, theirs in names.items()}
+
+
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    # The golden-vector configuration (../shared/golden/owl2_tiny): 56 px images, 9 tokens per image.
+    "debug": {
+        "vision": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "image_size": 56},
+        "abstractor": {"hidden_size": 32, "num_layers": 2, "num_heads": 4, "intermediate_size": 64, "num_queries": 8},
+        "decoder": {
+            "vocab_size": 256,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_layers": 2,
+            "num_heads": 4,
+            "num_kv_heads": 4,
+            "max_position_embeddings": 256,
+        },
+    },
+    # Trains on a laptop CPU in minutes; grouped-query attention on, 112 px (8x8 patches) images. Trained from
+    # random weights, it needs a larger init than LLaMA's 0.02 (about 1/sqrt(width)): at 0.02 the image signal
+    # fades through the abstractor's narrow projections and the decoder learns to ignore the images.
+    "tiny-cpu": {
+        "vision": {"hidden_size": 64, "num_layers": 4, "num_heads": 4, "intermediate_size": 256, "image_size": 112},
+        "abstractor": {"hidden_size": 64, "num_layers": 2, "num_heads": 4, "intermediate_size": 176, "num_queries": 16},
+        "decoder": {
+            "vocab_size": 1024,
+            "hidden_size": 128,
+            "intermediate_size": 352,
+            "num_layers": 4,
+            "num_heads": 4,
+            "num_kv_heads": 2,
+            "max_position_embeddings": 512,
+            "initializer_range": 0.08,
+        },
+    },
+    # The released MAGAer13/mplug-owl2-llama2-7b: 8,197,859,328 parameters.
+    "owl2-7b": {},
+}
