@@ -143,7 +143,14 @@ class StageConfig:
         check(bool(self.trainable), "stage.trainable must name at least one part (or 'all')")
         unknown = [part for part in self.trainable if part not in TRAINABLE_PARTS]
         check(not unknown, f"stage.trainable has unknown part(s) {unknown}; choose from {list(TRAINABLE_PARTS)}")
-        for name in ("image_size", "max_steps", "micro_batch_size", "checkpoint_every", "log_every"):
+        for name in (
+            "image_size",
+            "max_steps",
+            "global_batch_size",
+            "micro_batch_size",
+            "checkpoint_every",
+            "log_every",
+        ):
             positive(getattr(self, name), f"stage.{name}")
         one_of(self.precision, PRECISIONS, "stage.precision")
         one_of(self.strategy, STRATEGIES, "stage.strategy")
