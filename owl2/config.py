@@ -171,83 +171,6 @@ class ModelConfig:
             overrides = parse_overrides(overrides)
         return build(cls, merge(MODEL_PRESETS[name], overrides or {}), "model")
 
-    @classmethod
-    def from_official(cls, official: dict[str, Any]) -> ModelConfig:
-        """Read the released checkpoint's ``config.json`` (model_type ``mplug_owl2``)."""
-        if official.get("model_type") != "mplug_owl2":
-            raise ConfigError(f"config.json model_type is {official.get('model_type')!r}, expected 'mplug_owl2'")
-        if official.get("rope_scaling"):
-            raise ConfigError("config.json rope_scaling is set; owl2 supports plain RoPE only (rope_scaling: null)")
-        if official.get("tie_word_embeddings"):
-            raise ConfigError("config.json tie_word_embeddings is true; mPLUG-Owl2 has an untied lm_head")
-        visual = official.get("visual_config") or {}
-        vit, abstractor = visual.get("visual_model") or {}, visual.get("visual_abstractor") or {}
-        if vit.get("hidden_act", "quick_gelu") != "quick_gelu":
-            raise ConfigError(f"visual_config.visual_model.hidden_act is {vit['hidden_act']!r}; only quick_gelu")
-        if not vit.get("use_cls_token", True) or not abstractor.get("use_cls_token", True):
-            raise ConfigError("visual_config use_cls_token=false (the Owl2.1 ViT-G variant) is not supported")
-        if abstractor.get("add_v2t_pos_emb"):
-            raise ConfigError("visual_config.visual_abstractor.add_v2t_pos_emb=true is not supported")
-        vision_cfg = VisionConfig(
-            **_pick(
-                vit,
-                "visual_config.visual_model",
-                hidden_size="hidden_size",
-                num_layers="num_hidden_layers",
-                num_heads="num_attention_heads",
-                intermediate_size="intermediate_size",
-                image_size="image_size",
-                patch_size="patch_size",
-                layer_norm_eps="layer_norm_eps",
-            )
-        )
-        grid = abstractor.get("grid_size", vision_cfg.grid_size)
-        if grid != vision_cfg.grid_size:
-            raise ConfigError(
-                f"visual_config.visual_abstractor.grid_size ({grid}) must equal image_size/patch_size "
-                f"({vision_cfg.grid_size})"
-            )
-        encoder_width = abstractor.get("encoder_hidden_size", vision_cfg.hidden_size)
-        if encoder_width != vision_cfg.hidden_size:
-            raise ConfigError(
-                f"visual_config.visual_abstractor.encoder_hidden_size ({encoder_width}) must equal the vision "
-                f"hidden_size ({vision_cfg.hidden_size})"
-            )
-        abstractor_cfg = AbstractorConfig(
-            **_pick(
-                abstractor,
-                "visual_config.visual_abstractor",
-                hidden_size="hidden_size",
-                num_layers="num_hidden_layers",
-                num_heads="num_attention_heads",
-                intermediate_size="intermediate_size",
-                num_queries="num_learnable_queries",
-                layer_norm_eps="layer_norm_eps",
-            )
-        )
-        decoder_fields = _pick(
-            official,
-            "config.json",
-            vocab_size="vocab_size",
-            hidden_size="hidden_size",
-            intermediate_size="intermediate_size",
-            num_layers="num_hidden_layers",
-            num_heads="num_attention_heads",
-            rms_norm_eps="rms_norm_eps",
-            max_position_embeddings="max_position_embeddings",
-        )
-        decoder_fields["num_kv_heads"] = official.get("num_key_value_heads") or decoder_fields["num_heads"]
-        for ours, theirs, default in (
-            ("rope_theta", "rope_theta", 10000.0),
-            ("pad_token_id", "pad_token_id", 0),
-            ("bos_token_id", "bos_token_id", 1),
-            ("eos_token_id", "eos_token_id", 2),
-        ):
-            value = official.get(theirs)
-            decoder_fields[ours] = default if value is None else value
-        decoder_fields["rope_theta"] = float(decoder_fields["rope_theta"])
-        return cls(vision=vision_cfg, abstractor=abstractor_cfg, decoder=DecoderConfig(**decoder_fields))
-
 
 DATA_FORMATS = ("llava", "captions", "webdataset")
 TEMPLATE_NAMES = ("mplug_owl2", "vicuna_v1")
@@ -678,14 +601,6 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     }
     data = merge(data, parse_overrides(overrides or []))
     return build(ExperimentConfig, data)
-
-
-def _pick(source: dict[str, Any], where: str, **names: str) -> dict[str, Any]:
-    """Rename the official fields to ours; a missing field is an error naming it."""
-    missing = [theirs for theirs in names.values() if theirs not in source]
-    if missing:
-        raise ConfigError(f"{where} lacks field(s) {missing}")
-    return {ours: source[theirs] for ours, theirs in names.items()}
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {

@@ -43,7 +43,7 @@ from owl2.train.validate import HeldOut, should_validate
 def initial_model(init: ModelInitConfig, seed: int) -> Any:
     """The first stage's starting weights: a released/owl2 folder, LLaMA-2 + CLIP, or a random preset."""
     from owl2.model import Owl2Config, Owl2ForCausalLM
-    from owl2.model.weights import build_from_llama_and_clip
+    from owl2.model.build import build_from_llama_and_clip
 
     if init.pretrained:
         return Owl2ForCausalLM.from_pretrained(init.pretrained)
