@@ -24,7 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from owl2.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ConfigError, ModelConfig, build, to_dict
 from owl2.model.abstractor import VisualAbstractor
 from owl2.model.checkpoint_io import LoadReport, load_into, read_config, read_state_dict
-from owl2.model.decoder import Decoder, llama_config
+from owl2.model.decoder import Decoder, Multiway, llama_config
 from owl2.model.foreign_config import model_config_from_official
 from owl2.model.keymaps import OFFICIAL, Conversion, convert
 from owl2.model.vision import VisionEncoder
@@ -458,6 +458,16 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
         names |= {f"vision.{name}" for name in self.vision.no_weight_decay() & vision_params}
         names |= {"abstractor.queries", "abstractor.eos"}
         return names
+
+    def visual_branch_parameter_names(self) -> set[str]:
+        """Full names of the decoder's visual-branch parameters: the visual copies of the modality-adaptive
+        norms and K/V projections, which a stage trains alone as ``decoder.visual`` (the paper's stage 1)."""
+        return {
+            f"decoder.{module_name}.visual.{name}"
+            for module_name, module in self.decoder.named_modules()
+            if isinstance(module, Multiway)
+            for name, _ in module.visual.named_parameters()
+        }
 
     def param_group_info(self, name: str) -> tuple[str, int, int]:
         """``(module, layer_id, num_layers)`` of a parameter, for layer-wise LR decay.

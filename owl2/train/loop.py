@@ -32,10 +32,10 @@ from owl2.train.optim import (
     build_optimizer,
     format_group_table,
     group_table_rows,
-    unwrap,
     verify_optimizer_setup,
     warmup_cosine,
 )
+from owl2.train.parallel import unwrap
 from owl2.train.progress import emit
 from owl2.train.validate import HeldOut, should_validate
 
