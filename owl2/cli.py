@@ -234,7 +234,7 @@ def _model_convert(args: argparse.Namespace) -> int:
 
 
 def _model_build(args: argparse.Namespace) -> int:
-    from owl2.model.weights import build_from_llama_and_clip
+    from owl2.model.build import build_from_llama_and_clip
 
     if args.overrides and not args.preset:
         raise ConfigError("overrides need --preset (without it the architecture comes from the checkpoints)")

@@ -70,7 +70,7 @@ def test_model_convert_turns_the_official_folder_into_ours(tmp_path, golden_dir,
 def test_model_convert_carries_the_tokenizer_along(tmp_path, golden_dir, spm_tokenizer_dir, capsys) -> None:
     import shutil
 
-    from owl2.model.tokenizer import load_tokenizer
+    from owl2.data.tokenizer import load_tokenizer
 
     released = tmp_path / "released"
     shutil.copytree(golden_dir, released)

@@ -7,7 +7,7 @@ from transformers import LlamaForCausalLM
 from owl2.config import ModelConfig
 from owl2.model import Owl2Config, Owl2ForCausalLM
 from owl2.model.decoder import Multiway
-from owl2.model.weights import LLAMA, convert
+from owl2.model.keymaps import LLAMA, convert
 
 # Grouped-query attention on (4 query heads, 2 K/V heads): the official code cannot run this.
 DECODER = {

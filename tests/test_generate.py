@@ -9,6 +9,7 @@ import pytest
 from owl2.cli import main
 from owl2.config import IMAGE_TOKEN_INDEX
 from owl2.data.synth import generate_world
+from owl2.data.tokenizer import tokenize_with_images
 from owl2.eval.benchmarks import CAPTION_PROTOCOL, EvalItem, Protocol, load_shapes
 from owl2.eval.chat import ChatSession, chat_loop
 from owl2.eval.generate import (
@@ -21,7 +22,6 @@ from owl2.eval.generate import (
     predict_dataset,
     render_prompt,
 )
-from owl2.model.tokenizer import tokenize_with_images
 
 
 @pytest.fixture(scope="module")

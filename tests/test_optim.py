@@ -1,6 +1,8 @@
 """The stage spec and the optimizer policy: exact trainable sets, parameter groups, LLRD, schedule, checks."""
 
 import socket
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -115,6 +117,23 @@ def test_decoder_part_is_embeddings_layers_and_norm_but_not_the_head(model):
     assert "lm_head.weight" not in trainable
     # Per layer: 2 norms x 2 copies, q, k x 2, v x 2, o, 3 MLP matrices = 13 tensors.
     assert len(trainable) == 1 + 2 * 13 + 1
+
+
+def test_decoder_visual_is_what_the_model_declares(model, monkeypatch):
+    assert model.visual_branch_parameter_names() == VISUAL_COPIES
+    # The policy asks the model (through wrappers), it does not look for modality copies itself.
+    keys_only = {name for name in VISUAL_COPIES if "_proj." in name}
+    monkeypatch.setattr(model, "visual_branch_parameter_names", lambda: keys_only)
+    assert expected_trainable(CompiledLike(model), ["decoder.visual"]) == keys_only
+    with pytest.raises(TypeError, match=r"visual_branch_parameter_names\(\) hook"):
+        expected_trainable(nn.Linear(2, 2), ["decoder.visual"])
+
+
+def test_optimizer_policy_imports_no_model_code():
+    script = "import sys, owl2.train.optim; print(sorted(m for m in sys.modules if m.startswith('owl2.model')))"
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
 
 
 def test_unknown_parts_are_rejected(model):

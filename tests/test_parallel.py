@@ -24,7 +24,8 @@ from owl2.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ModelConfig, OptimConfi
 from owl2.model import Owl2Config, Owl2ForCausalLM
 from owl2.train import checkpoint as ckpt
 from owl2.train import parallel
-from owl2.train.optim import apply_trainable, build_optimizer, unwrap, verify_optimizer_setup, warmup_cosine
+from owl2.train.optim import apply_trainable, build_optimizer, verify_optimizer_setup, warmup_cosine
+from owl2.train.parallel import unwrap
 
 WORLD = 2
 STAGE1 = ["vision", "abstractor", "decoder.visual"]

@@ -282,7 +282,7 @@ def test_question_types_are_balanced(world: dict) -> None:
 
 
 def test_tokenizer_loads_and_covers_all_text_without_unk(world_dir: Path, world: dict) -> None:
-    from owl2.model.tokenizer import load_tokenizer
+    from owl2.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(world_dir / "tokenizer")
     assert len(tokenizer) == world["tokenizer"]["vocab_size"] <= 1024
@@ -303,7 +303,7 @@ def test_tokenizer_loads_and_covers_all_text_without_unk(world_dir: Path, world:
 
 def test_training_templates_encode_the_records_with_the_world_tokenizer(world_dir: Path) -> None:
     from owl2.data.templates import encode_conversation
-    from owl2.model.tokenizer import load_tokenizer
+    from owl2.data.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(world_dir / "tokenizer")
     records = json.loads((world_dir / "llava" / "train.json").read_text())[:20]

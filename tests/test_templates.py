@@ -16,7 +16,7 @@ from owl2.data.templates import (
     prompt_for_generation,
     render_conversation,
 )
-from owl2.model.tokenizer import load_tokenizer, tokenize_with_images
+from owl2.data.tokenizer import load_tokenizer, tokenize_with_images
 
 BOS, EOS, IMG, IGN = 1, 2, IMAGE_TOKEN_INDEX, IGNORE_INDEX
 SYSTEM = (

@@ -5,7 +5,7 @@ import pytest
 import sentencepiece as spm
 
 from owl2.config import IMAGE_TOKEN_INDEX
-from owl2.model.tokenizer import load_tokenizer, tokenize_with_images
+from owl2.data.tokenizer import load_tokenizer, tokenize_with_images
 
 BOS, EOS = 1, 2
 

@@ -22,23 +22,22 @@ from transformers import (
 )
 
 from owl2.config import ConfigError, DecoderConfig, ModelConfig
-from owl2.model.owl2 import Owl2Config, Owl2ForCausalLM
-from owl2.model.vision import resample_position_embedding
-from owl2.model.weights import (
+from owl2.model.build import build_from_llama_and_clip
+from owl2.model.checkpoint_io import read_config, read_state_dict
+from owl2.model.foreign_config import decoder_config_from_llama
+from owl2.model.keymaps import (
     CLIP_OPENAI,
     LLAMA,
     OFFICIAL,
     Conversion,
-    build_from_llama_and_clip,
     convert,
     convert_clip,
-    decoder_config_from_llama,
     detect_clip_layout,
     fuse_qkv_parts,
-    read_config,
-    read_state_dict,
     target_keys,
 )
+from owl2.model.owl2 import Owl2Config, Owl2ForCausalLM
+from owl2.model.vision import resample_position_embedding
 
 OWL2_7B_PARAMETERS = 8_197_859_328
 CASE_A = "A_image_text"

@@ -116,7 +116,7 @@ class Tokenize:
     """
 
     def __init__(self, tokenizer_dir: str, template: str, max_length: int, tokens_per_image: int) -> None:
-        from owl2.model.tokenizer import load_tokenizer
+        from owl2.data.tokenizer import load_tokenizer
 
         self.tokenizer = load_tokenizer(tokenizer_dir)
         self.template = template

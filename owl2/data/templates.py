@@ -21,7 +21,7 @@ else is left). Unlike the official code, which keeps one placeholder however man
 placeholder is kept, in order, so the ids always match the images.
 
 Tokenisation: one BOS, then the prompt split on ``<|image|>`` with each chunk tokenised without BOS and
--200 between chunks: :func:`owl2.model.tokenizer.tokenize_with_images` for every prompt that starts with
+-200 between chunks: :func:`owl2.data.tokenizer.tokenize_with_images` for every prompt that starts with
 text (all chat templates), and BOS-first for ``plain``, where the official order would be ``[-200, bos]``.
 
 Masking rule: labels are -100 except on the tokens of each assistant reply and its closing ``</s>``. A
@@ -253,7 +253,7 @@ def encode_conversation(
     """Token ids and labels of a training conversation, truncated to ``max_length`` expanded tokens.
 
     ``messages``: ``[{"role": "user"|"assistant", "content": str}, ...]`` with ``<|image|>`` placeholders in
-    user turns. ``tokenizer`` comes from :func:`owl2.model.tokenizer.load_tokenizer` (a fast tokenizer: the
+    user turns. ``tokenizer`` comes from :func:`owl2.data.tokenizer.load_tokenizer` (a fast tokenizer: the
     masking needs character offsets). Returns a :class:`Skip` for records that cannot be learnt from
     (``malformed_record``, ``no_assistant_turn``, ``too_long``). The caller checks the placeholder count
     against the sample's images beforehand and keeps the first ``num_images`` of them afterwards.

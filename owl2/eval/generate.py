@@ -107,8 +107,8 @@ def load_model(
     source: ModelSource, device: str | torch.device | None = None, dtype: torch.dtype | None = None
 ) -> tuple[Owl2ForCausalLM, PreTrainedTokenizerBase]:
     """The model (eval mode; bf16 on a GPU, fp32 on the CPU unless ``dtype``) and its tokenizer."""
+    from owl2.data.tokenizer import load_tokenizer
     from owl2.model.owl2 import Owl2ForCausalLM
-    from owl2.model.tokenizer import load_tokenizer
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dtype is None:
@@ -137,7 +137,7 @@ def render_prompt(
 def encode_prompt(prompt: str, tokenizer: PreTrainedTokenizerBase) -> list[int]:
     """``[bos]`` + the text between placeholders (each chunk without BOS) joined by ``-200``.
 
-    For a prompt that starts with text this equals :func:`owl2.model.tokenizer.tokenize_with_images` (the
+    For a prompt that starts with text this equals :func:`owl2.data.tokenizer.tokenize_with_images` (the
     official ``tokenizer_image_token``); a prompt that starts with an image gets its BOS first, as the
     plain pre-training format was learnt, rather than the official ``[-200, bos, ...]``.
     """

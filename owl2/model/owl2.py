@@ -23,9 +23,11 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from owl2.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ConfigError, ModelConfig, build, to_dict
 from owl2.model.abstractor import VisualAbstractor
-from owl2.model.decoder import Decoder, llama_config
+from owl2.model.checkpoint_io import LoadReport, load_into, read_config, read_state_dict
+from owl2.model.decoder import Decoder, Multiway, llama_config
+from owl2.model.foreign_config import model_config_from_official
+from owl2.model.keymaps import OFFICIAL, Conversion, convert
 from owl2.model.vision import VisionEncoder
-from owl2.model.weights import OFFICIAL, Conversion, LoadReport, convert, load_into, read_config, read_state_dict
 
 
 class Owl2Config(PretrainedConfig):
@@ -215,14 +217,14 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
     ) -> Owl2ForCausalLM:
         """Load a folder in the official mPLUG-Owl2 format or one written by ``save_pretrained``.
 
-        Official folders (``model_type: mplug_owl2``) are converted through ``weights.OFFICIAL``;
+        Official folders (``model_type: mplug_owl2``) are converted through ``keymaps.OFFICIAL``;
         safetensors or sharded ``.bin`` files are both read (``.bin`` with ``weights_only=True``).
         ``strict`` raises if any model weight is missing or any checkpoint key is unknown; otherwise
         missing weights keep a fresh initialisation. The report is kept as ``model.load_report``.
         """
         config = read_config(path)
         if config.get("model_type") == "mplug_owl2":
-            owl2_config = Owl2Config.from_spec(ModelConfig.from_official(config))
+            owl2_config = Owl2Config.from_spec(model_config_from_official(config))
             conversion = convert(read_state_dict(path), OFFICIAL, owl2_config.spec)
         elif config.get("model_type") == Owl2Config.model_type:
             owl2_config = Owl2Config.from_dict(config)
@@ -456,6 +458,16 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
         names |= {f"vision.{name}" for name in self.vision.no_weight_decay() & vision_params}
         names |= {"abstractor.queries", "abstractor.eos"}
         return names
+
+    def visual_branch_parameter_names(self) -> set[str]:
+        """Full names of the decoder's visual-branch parameters: the visual copies of the modality-adaptive
+        norms and K/V projections, which a stage trains alone as ``decoder.visual`` (the paper's stage 1)."""
+        return {
+            f"decoder.{module_name}.visual.{name}"
+            for module_name, module in self.decoder.named_modules()
+            if isinstance(module, Multiway)
+            for name, _ in module.visual.named_parameters()
+        }
 
     def param_group_info(self, name: str) -> tuple[str, int, int]:
         """``(module, layer_id, num_layers)`` of a parameter, for layer-wise LR decay.

@@ -82,7 +82,7 @@ class CheckpointEval:
 
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
-            from owl2.model.tokenizer import load_tokenizer
+            from owl2.data.tokenizer import load_tokenizer
 
             self._tokenizer = load_tokenizer(self.stage.data.tokenizer)
         return self._tokenizer

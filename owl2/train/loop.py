@@ -36,10 +36,10 @@ from owl2.train.optim import (
     build_optimizer,
     format_group_table,
     group_table_rows,
-    unwrap,
     verify_optimizer_setup,
     warmup_cosine,
 )
+from owl2.train.parallel import unwrap
 from owl2.train.progress import emit
 from owl2.train.validate import HeldOut, should_validate
 from owl2.train.window import LogWindow, window_metrics
@@ -56,7 +56,7 @@ def train_stage(config: dict[str, Any]) -> None:
 def initial_model(init: ModelInitConfig, seed: int) -> Any:
     """The first stage's starting weights: a released/owl2 folder, LLaMA-2 + CLIP, or a random preset."""
     from owl2.model import Owl2Config, Owl2ForCausalLM
-    from owl2.model.weights import build_from_llama_and_clip
+    from owl2.model.build import build_from_llama_and_clip
 
     if init.pretrained:
         return Owl2ForCausalLM.from_pretrained(init.pretrained)

@@ -1,7 +1,8 @@
 """Optimizer policy of a stage: what trains, parameter groups with layer-wise LR decay, AdamW and its schedule.
 
-The policy comes from two hooks on the model (timm style): ``no_weight_decay()`` names the parameters AdamW
-must not decay, ``param_group_info(name)`` places a parameter in a module and a layer. Every function here
+The policy comes from hooks on the model (timm style): ``no_weight_decay()`` names the parameters AdamW
+must not decay, ``param_group_info(name)`` places a parameter in a module and a layer, and
+``visual_branch_parameter_names()`` names what the ``decoder.visual`` part trains. Every function here
 accepts the bare model or a wrapped one (DDP, FSDP2, ``torch.compile``, activation checkpointing): names are
 compared after dropping the wrappers' path components (:func:`canonical_name`).
 
@@ -31,7 +32,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from owl2.config import TRAINABLE_PARTS, OptimConfig
-from owl2.model.decoder import Multiway
+from owl2.train.parallel import unwrap
 
 MODULES = ("vision", "abstractor", "decoder")
 """The modules of the LR policy, in group order; ``decoder`` includes ``lm_head``."""
@@ -64,26 +65,18 @@ def canonical_name(name: str) -> str:
     return ".".join(part for part in parts[start:] if part not in _WRAPPER_COMPONENTS)
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    """The bare model inside DDP / DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``)."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
-            model = model._orig_mod
-        else:
-            return model
-
-
 def _named_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     return [(canonical_name(name), param) for name, param in model.named_parameters()]
 
 
-def _policy_model(model: nn.Module) -> nn.Module:
+def _policy_model(model: nn.Module, hooks: tuple[str, ...] = ("no_weight_decay", "param_group_info")) -> nn.Module:
+    """The bare model, checked to have the policy ``hooks`` it is about to be asked."""
     inner = unwrap(model)
-    for hook in ("no_weight_decay", "param_group_info"):
+    for hook in hooks:
         if not callable(getattr(inner, hook, None)):
-            raise TypeError(f"{type(inner).__name__} has no {hook}() hook: the optimizer policy needs both")
+            raise TypeError(
+                f"{type(inner).__name__} has no {hook}() hook: the optimizer policy needs {', '.join(hooks)}"
+            )
     return inner
 
 
@@ -99,12 +92,10 @@ def _check_parts(parts: Sequence[str]) -> None:
 
 
 def visual_copies(model: nn.Module) -> set[str]:
-    """Names of every parameter in the ``visual`` branch of a decoder :class:`Multiway` (norms, K/V)."""
-    names = set()
-    for module_name, module in model.named_modules():
-        if isinstance(module, Multiway) and canonical_name(f"{module_name}.visual").startswith("decoder."):
-            names |= {canonical_name(f"{module_name}.visual.{name}") for name, _ in module.visual.named_parameters()}
-    return names
+    """Names of the decoder's visual-branch parameters (modality-adaptive norms, K/V), as the model declares them."""
+    inner = _policy_model(model, ("visual_branch_parameter_names",))
+    # Wrappers inside the model (a compiled block, FSDP1 or checkpoint wrappers) show in the names it reports.
+    return {canonical_name(name) for name in inner.visual_branch_parameter_names()}
 
 
 def expected_trainable(model: nn.Module, parts: Sequence[str]) -> set[str]:

@@ -23,7 +23,6 @@ import torch.distributed as dist
 from torch import nn
 
 from owl2.config import StageConfig
-from owl2.train.optim import unwrap
 
 
 def use_bf16(stage: StageConfig, device: torch.device) -> bool:
@@ -37,6 +36,17 @@ def text_only_rows_possible(stage: StageConfig) -> bool:
 
 
 # ------------------------------------------------------------------------------------------ wrapping
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model inside DDP / DataParallel (``.module``) and ``torch.compile`` (``._orig_mod``)."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif isinstance(getattr(model, "_orig_mod", None), nn.Module):
+            model = model._orig_mod
+        else:
+            return model
 
 
 def layer_stacks(model: nn.Module) -> dict[str, nn.ModuleList | nn.Sequential]:

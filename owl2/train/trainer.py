@@ -60,7 +60,7 @@ def resolve_paths(experiment: ExperimentConfig, base: Path | None = None) -> Exp
 def check_tokenizers(experiment: ExperimentConfig) -> None:
     """The model's vocabulary must cover every stage's tokenizer: checked before any worker starts."""
     from owl2.config import ModelConfig
-    from owl2.model.tokenizer import load_tokenizer
+    from owl2.data.tokenizer import load_tokenizer
 
     if experiment.model.pretrained:
         return  # the released folder carries its own tokenizer and vocabulary

@@ -1,41 +1,26 @@
-"""State-dict adapters: explicit key-mapping tables from other layouts to owl2's, and checkpoint I/O.
+"""Explicit key-mapping tables from other checkpoint layouts to owl2's, and the conversion they drive.
 
 Each table row maps one source key pattern to one or more owl2 keys, optionally through a tensor
 transform. Patterns use ``{i}`` for a layer number and ``{p}`` for ``weight``/``bias``. A source key
 no row matches is *unexpected*; a row with no target drops a key on purpose (buffers that owl2
-recomputes). Loading reports missing and unexpected keys and refuses shape mismatches.
+recomputes).
 
 Tables: ``OFFICIAL`` (the released mPLUG-Owl2 checkpoint), ``LLAMA`` (a transformers LLaMA-2 folder:
 K/V and norms are copied into both modality branches), and one table per CLIP ViT naming in
 ``CLIP_LAYOUTS`` (OpenAI/OpenCLIP, timm, transformers) for the vision encoder. A ``{rest}`` placeholder
 matches any suffix; it is only used to drop whole sub-trees on purpose (CLIP's text tower).
-
-:func:`build_from_llama_and_clip` assembles a fresh Owl2 from a LLaMA-2 folder and a CLIP vision tower,
-the starting point of stage-1 pre-training.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import json
-import logging
 import re
-import zipfile
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import torch
-from safetensors.torch import load_file
 
-from owl2.config import AbstractorConfig, ConfigError, DecoderConfig, ModelConfig, VisionConfig
+from owl2.config import ModelConfig
 from owl2.model.vision import resample_position_embedding
-
-if TYPE_CHECKING:
-    from owl2.model.owl2 import Owl2ForCausalLM
-
-logger = logging.getLogger(__name__)
 
 Transform = Callable[[torch.Tensor, ModelConfig], torch.Tensor]
 
@@ -392,231 +377,3 @@ def convert_clip(state_dict: dict[str, torch.Tensor], spec: ModelConfig, layout:
     if layout not in CLIP_LAYOUTS:
         raise ValueError(f"unknown CLIP layout {layout!r}; choose one of {sorted(CLIP_LAYOUTS)}")
     return fuse_qkv_parts(convert(state_dict, CLIP_LAYOUTS[layout], spec))
-
-
-# ------------------------------------------------------------------------------------------------ files
-
-
-def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """All tensors of a checkpoint file or folder: safetensors (single or sharded) or legacy ``.bin`` shards.
-
-    Legacy pickles are read with ``torch.load(weights_only=True)``, which refuses arbitrary objects.
-    """
-    path = Path(path)
-    if path.is_file():
-        files = [path]
-    else:
-        for index_name, single_name in (
-            ("model.safetensors.index.json", "model.safetensors"),
-            ("pytorch_model.bin.index.json", "pytorch_model.bin"),
-        ):
-            index = path / index_name
-            if index.is_file():
-                shard_names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-                files = [path / name for name in shard_names]
-                break
-            if (path / single_name).is_file():
-                files = [path / single_name]
-                break
-        else:
-            raise FileNotFoundError(f"{path} holds no model.safetensors[.index.json] or pytorch_model.bin[.index.json]")
-    state_dict: dict[str, torch.Tensor] = {}
-    for file in files:
-        if file.suffix == ".safetensors":
-            state_dict.update(load_file(str(file)))
-        elif _is_torchscript(file):
-            raise ValueError(
-                f"{file} is a TorchScript archive, which holds code as well as weights: extract the weights once "
-                "with torch.jit.load(path).state_dict() (trusted files only) and save them with safetensors"
-            )
-        else:
-            state_dict.update(torch.load(file, map_location="cpu", weights_only=True, mmap=True))
-    return state_dict
-
-
-def _is_torchscript(file: Path) -> bool:
-    if not zipfile.is_zipfile(file):
-        return False
-    with zipfile.ZipFile(file) as archive:
-        return any(
-            name.endswith("/constants.pkl") or name.startswith("code/") or "/code/" in name
-            for name in archive.namelist()
-        )
-
-
-def read_config(folder: str | Path) -> dict[str, Any]:
-    config_file = Path(folder) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{folder} has no config.json")
-    return json.loads(config_file.read_text())
-
-
-@dataclass
-class LoadReport:
-    """What a load left out: model keys nobody provided, and provided keys the model does not have."""
-
-    missing: list[str]
-    unexpected: list[str]
-    dropped: list[str]
-
-    def log(self, what: str, fresh: tuple[str, ...] = ()) -> None:
-        """Log the counts; keys under the ``fresh`` prefixes are new on purpose, not missing."""
-        new = [key for key in self.missing if key.startswith(fresh)]
-        missing = [key for key in self.missing if not key.startswith(fresh)]
-        logger.info(
-            "loaded %s: %d new (freshly initialised), %d missing, %d unexpected, %d dropped on purpose",
-            what,
-            len(new),
-            len(missing),
-            len(self.unexpected),
-            len(self.dropped),
-        )
-        for kind, keys in (("missing", missing), ("unexpected", self.unexpected)):
-            if keys:
-                logger.warning("%s %s keys: %s", what, kind, ", ".join(keys[:20]) + (" ..." if len(keys) > 20 else ""))
-
-
-def load_into(model: torch.nn.Module, conversion: Conversion) -> LoadReport:
-    """Copy converted tensors into ``model``; shape mismatches are errors naming every offending key."""
-    own = model.state_dict()
-    mismatched = [
-        f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}"
-        for key, value in conversion.state_dict.items()
-        if key in own and value.shape != own[key].shape
-    ]
-    if mismatched:
-        raise ValueError("shape mismatch while loading weights:\n  " + "\n  ".join(mismatched))
-    result = model.load_state_dict(conversion.state_dict, strict=False)
-    return LoadReport(
-        sorted(result.missing_keys), sorted(result.unexpected_keys + conversion.unexpected), sorted(conversion.dropped)
-    )
-
-
-def is_official_config(config: dict[str, Any]) -> bool:
-    return config.get("model_type") == "mplug_owl2"
-
-
-def official_spec(folder: str | Path) -> ModelConfig:
-    config = read_config(folder)
-    if not is_official_config(config):
-        raise ConfigError(f"{folder}/config.json is not an official mPLUG-Owl2 config (model_type mplug_owl2)")
-    return ModelConfig.from_official(config)
-
-
-# ------------------------------------------------------------------------------------------------ LLaMA + CLIP
-
-# Decoder fields a LLaMA config must agree on with the spec: they fix the weights' shapes or the
-# numerics. Context length and special-token ids are the spec's to choose.
-_LLAMA_FIELDS: dict[str, str] = {
-    "vocab_size": "vocab_size",
-    "hidden_size": "hidden_size",
-    "intermediate_size": "intermediate_size",
-    "num_layers": "num_hidden_layers",
-    "num_heads": "num_attention_heads",
-    "num_kv_heads": "num_key_value_heads",
-    "rms_norm_eps": "rms_norm_eps",
-    "rope_theta": "rope_theta",
-}
-
-
-def decoder_config_from_llama(llama: dict[str, Any], where: str = "LLaMA config.json") -> DecoderConfig:
-    """The decoder section for a transformers LLaMA ``config.json`` (transformers 4 or 5 field names).
-
-    Raises :class:`ConfigError` for what owl2's decoder cannot represent (tied embeddings, RoPE scaling,
-    biases, another activation or head size).
-    """
-    if llama.get("model_type") != "llama":
-        raise ConfigError(f"{where} has model_type {llama.get('model_type')!r}, expected 'llama'")
-    rope = llama.get("rope_parameters") or {}  # transformers 5 nests RoPE settings here
-    rope_type = rope.get("rope_type") or (llama.get("rope_scaling") or {}).get("rope_type") or "default"
-    if rope_type != "default" or llama.get("rope_scaling"):
-        raise ConfigError(f"{where} uses RoPE scaling ({rope_type!r}); owl2 supports plain RoPE only")
-    if llama.get("tie_word_embeddings"):
-        raise ConfigError(f"{where} has tie_word_embeddings=true; owl2 has an untied lm_head")
-    if llama.get("hidden_act", "silu") != "silu":
-        raise ConfigError(f"{where} hidden_act is {llama['hidden_act']!r}; owl2's MLP uses silu")
-    for name in ("attention_bias", "mlp_bias"):
-        if llama.get(name):
-            raise ConfigError(f"{where} has {name}=true; owl2's decoder has no biases")
-    fields: dict[str, Any] = {
-        "rope_theta": float(rope.get("rope_theta", llama.get("rope_theta", 10000.0))),
-        "num_kv_heads": llama.get("num_key_value_heads") or llama.get("num_attention_heads"),
-    }
-    required = {ours: theirs for ours, theirs in _LLAMA_FIELDS.items() if ours not in fields}
-    absent = [theirs for theirs in required.values() if theirs not in llama]
-    if absent:
-        raise ConfigError(f"{where} lacks field(s) {absent}")
-    fields.update({ours: llama[theirs] for ours, theirs in required.items()})
-    head_dim = llama.get("head_dim")
-    if head_dim is not None and head_dim * fields["num_heads"] != fields["hidden_size"]:
-        raise ConfigError(f"{where} head_dim={head_dim} is not hidden_size/num_attention_heads; owl2 needs it to be")
-    for ours, default in (("pad_token_id", 0), ("bos_token_id", 1), ("eos_token_id", 2)):
-        # LLaMA-2 has no pad token (null); the official Owl2 pads with unk = 0.
-        value = llama.get(ours)
-        fields[ours] = default if value is None else value
-    fields["max_position_embeddings"] = llama.get("max_position_embeddings", 2048)
-    return DecoderConfig(**fields)
-
-
-def check_llama_matches(llama: DecoderConfig, spec: DecoderConfig, where: str = "LLaMA config.json") -> None:
-    """Raise :class:`ConfigError` naming the first architecture field where the LLaMA and the spec differ."""
-    for ours, theirs in _LLAMA_FIELDS.items():
-        if getattr(llama, ours) != getattr(spec, ours):
-            raise ConfigError(
-                f"{where} {theirs}={getattr(llama, ours)!r} does not match the spec's "
-                f"decoder.{ours}={getattr(spec, ours)!r}"
-            )
-
-
-def build_from_llama_and_clip(
-    llama_dir: str | Path,
-    clip_path: str | Path,
-    spec: ModelConfig | None = None,
-    image_size: int | None = None,
-    dtype: torch.dtype | None = None,
-) -> Owl2ForCausalLM:
-    """A fresh Owl2 from a transformers LLaMA-2 folder and a CLIP vision tower; the abstractor is new.
-
-    Args:
-        llama_dir: folder with ``config.json`` (model_type llama) and safetensors or ``.bin`` weights.
-            Its K/V projections and norms initialise both modality branches.
-        clip_path: a CLIP checkpoint file or folder in any ``CLIP_LAYOUTS`` naming (detected). The OpenAI
-            TorchScript ``.pt`` archive must first be turned into a plain state dict (``torch.jit.load``
-            then ``state_dict()``): archives are refused, like every pickle with more than tensors.
-        spec: the architecture. None: the decoder from the LLaMA config, a ViT-L/14 vision encoder and the
-            default abstractor. A given spec's decoder must match the LLaMA config (shapes, eps, RoPE).
-        image_size: input resolution (default 448 without a spec), replacing the spec's when given; the
-            CLIP position table is resampled to its grid.
-        dtype: parameter dtype (e.g. ``torch.bfloat16`` to build the 7B model in half the memory).
-
-    Returns:
-        The model in eval mode; ``model.load_report`` lists the abstractor's (freshly initialised)
-        weights as missing. Any other missing weight, and any checkpoint key that neither table nor
-        model knows, raises ``ValueError``.
-    """
-    from owl2.model.owl2 import Owl2Config, Owl2ForCausalLM  # owl2.py imports this module
-
-    llama_dir = Path(llama_dir)
-    where = f"{llama_dir}/config.json"
-    llama = decoder_config_from_llama(read_config(llama_dir), where)
-    if spec is None:
-        spec = ModelConfig(
-            vision=VisionConfig(image_size=image_size or 448), abstractor=AbstractorConfig(), decoder=llama
-        )
-    else:
-        check_llama_matches(llama, spec.decoder, where)
-        if image_size is not None:
-            spec = dataclasses.replace(spec, vision=dataclasses.replace(spec.vision, image_size=image_size))
-
-    decoder_part = convert(read_state_dict(llama_dir), LLAMA, spec)
-    vision_part = convert_clip(read_state_dict(clip_path), spec)
-    conversion = Conversion(
-        state_dict={**decoder_part.state_dict, **vision_part.state_dict},
-        dropped=decoder_part.dropped + vision_part.dropped,
-        unexpected=decoder_part.unexpected + vision_part.unexpected,
-    )
-    source = f"{llama_dir} + {clip_path}"
-    model = Owl2ForCausalLM.from_state_dict(
-        Owl2Config.from_spec(spec), conversion, dtype=dtype, strict=True, fresh=("abstractor.",), source=source
-    )
-    return model.eval()
