@@ -119,8 +119,9 @@ class ShardStream:
         return batch
 
     def _stream(self) -> Iterator[Batch]:
-        position, current = self.position, self.position.current
+        position = self.position
         while True:
+            current = position.current  # each pass replaces it
             fresh = position.last_key < 0
             epochs = current.end - position.epoch
             dataset = encoded(
