@@ -147,7 +147,7 @@ def test_nested_section_errors_name_the_full_key():
 
 def test_eval_suites_are_the_runners():
     from owl2.config import EVAL_SUITES
-    from owl2.eval.runner import SUITES
+    from owl2.eval.suite import SUITES
 
     assert EVAL_SUITES == SUITES
 
