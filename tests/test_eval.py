@@ -382,7 +382,7 @@ def test_checkpoint_eval_scores_the_shapes_suite_and_restores_train_mode(world, 
     assert evaluator.items() is evaluator.items()
 
 
-def test_checkpoint_eval_logs_artifacts_to_the_stage_run(world, checkpoint, mlflow_uri):
+def test_checkpoint_eval_logs_artifacts_to_the_stage_run(world, checkpoint, mlflow_uri, tmp_path):
     from owl2.train.evaluate import CheckpointEval, log_outcome
 
     evaluator = CheckpointEval(_stage_with_eval(world, data=str(world), limit=1))
@@ -397,6 +397,9 @@ def test_checkpoint_eval_logs_artifacts_to_the_stage_run(world, checkpoint, mlfl
         "eval/step_000002/eval_table.txt",
         "eval/step_000002/metrics.json",
     }
+    # The logged table is the suite's, titled with the step, as `owl2 eval` logs its own.
+    table = tracker.client.download_artifacts(run_id, "eval/step_000002/eval_table.txt", str(tmp_path))
+    assert Path(table).read_text() == outcome.table("shapes at step 2") + "\n"
 
 
 def test_trainer_checks_the_eval_suite_before_workers_start(world, tmp_path):

@@ -74,7 +74,7 @@ class Suite:
             raise ValueError(f"the {name} suite has no items (data: {data})")
         _check_local_images(suite.items)
         if name == "shapes":
-            suite.chance = _shapes_chance(world_root(source, data))
+            suite.chance = _shapes_chance(_world_root(source, data))
         return suite
 
     def score(self, records: Sequence[dict[str, Any]]) -> list[Row]:
@@ -132,7 +132,7 @@ class Suite:
 # --------------------------------------------------------------------------------------------------
 
 
-def world_root(source: ModelSource | None, data: str | Path | None) -> Path:
+def _world_root(source: ModelSource | None, data: str | Path | None) -> Path:
     """The shapes world to evaluate on: ``data``, else the world whose tokenizer the checkpoint was trained with."""
     if data is not None:
         return Path(data)
@@ -149,7 +149,7 @@ def _load_items(
     source: ModelSource | None,
 ) -> list[EvalItem]:
     if name == "shapes":
-        splits = benchmarks.load_shapes(world_root(source, data), limit)
+        splits = benchmarks.load_shapes(_world_root(source, data), limit)
         return [item for split in ("vqa", "captions", "text") for item in splits[split]]
     if data is None:
         raise FileNotFoundError(f"the {name} suite needs --data (the benchmark's file or folder)")
