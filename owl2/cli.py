@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ from owl2.config import (
     build,
     to_dict,
 )
+from owl2.tables import Column, format_table
 
 # Exit code for a bad command line or configuration, as argparse uses for usage errors.
 USAGE_ERROR = 2
@@ -296,14 +297,15 @@ def _data_stats(args: argparse.Namespace) -> int:
 
 
 def _model_summary(args: argparse.Namespace) -> int:
+    from owl2.tracking import flatten
+
     spec = ModelConfig.from_preset(args.preset, list(args.overrides))
     counts = parameter_counts(spec)
 
     print(f"model preset {args.preset}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
-    rows = list(_flatten(to_dict(spec)))
-    rows.append(("tokens_per_image", spec.tokens_per_image))
-    _print_table("config", rows)
-    _print_table("parameters", [(name, f"{count:,}") for name, count in counts.items()])
+    config = {**flatten(to_dict(spec)), "tokens_per_image": spec.tokens_per_image}
+    _print_table("config", config)
+    _print_table("parameters", {name: f"{count:,}" for name, count in counts.items()})
     return 0
 
 
@@ -327,19 +329,10 @@ def parameter_counts(spec: ModelConfig) -> dict[str, int]:
     return counts
 
 
-def _flatten(tree: dict[str, Any], prefix: str = "") -> Iterator[tuple[str, Any]]:
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            yield from _flatten(value, f"{prefix}{key}.")
-        else:
-            yield f"{prefix}{key}", value
-
-
-def _print_table(title: str, rows: list[tuple[str, Any]]) -> None:
-    width = max(len(name) for name, _ in rows)
-    print(f"\n{title}")
-    for name, value in rows:
-        print(f"  {name:<{width}}  {value:>15}")
+def _print_table(title: str, values: dict[str, Any]) -> None:
+    rows = [{"name": name, "value": value} for name, value in values.items()]
+    columns = [Column("name", align="<"), Column("value", width=15)]
+    print(format_table(rows, columns, title=f"\n{title}", header=False, indent="  "))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -396,7 +389,8 @@ def add_eval_commands(commands: Any) -> None:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
-    from owl2.eval.runner import format_table, run_eval
+    from owl2.eval.runner import run_eval
+    from owl2.eval.suite import Suite
 
     result = run_eval(
         args.checkpoint,
@@ -413,7 +407,7 @@ def _run_eval(args: argparse.Namespace) -> int:
         track=not args.no_mlflow,
     )
     if result.rows:
-        print(format_table(result.rows, f"{args.suite}: {args.checkpoint}"))
+        print(Suite.table(result.rows, f"{args.suite}: {args.checkpoint}"))
     for note in result.notes:
         print(note)
     print(f"predictions: {result.predictions}" + (f"\nMLflow run: {result.run_id}" if result.run_id else ""))

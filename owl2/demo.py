@@ -40,7 +40,8 @@ def run_demo(
     """Run the demo into ``out``; returns (and writes to ``out/summary.json``) the headline numbers."""
     from owl2.config import load_experiment
     from owl2.data.synth import generate_world
-    from owl2.eval.runner import format_table, run_eval
+    from owl2.eval.runner import run_eval
+    from owl2.eval.suite import Suite
     from owl2.tracking import resolve_tracking_uri
     from owl2.train.trainer import resolve_paths, run_experiment
 
@@ -80,7 +81,7 @@ def run_demo(
         "mlflow_experiment": experiment.tracking.experiment,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    print(format_table(evaluation.rows, title="\n[demo] held-out results"), flush=True)
+    print(Suite.table(evaluation.rows, title="\n[demo] held-out results"), flush=True)
     print(
         f"\n[demo] done in {summary['wall_seconds']:.0f} s; VQA accuracy {summary['vqa_accuracy']:.3f} vs chance "
         f"{summary['vqa_chance']:.3f}; summary in {out / 'summary.json'}\n"

@@ -183,7 +183,7 @@ def test_a_stage_built_alone_names_its_keys_by_section():
 
 def test_eval_suites_are_the_runners():
     from owl2.config import EVAL_SUITES
-    from owl2.eval.runner import SUITES
+    from owl2.eval.suite import SUITES
 
     assert EVAL_SUITES == SUITES
 

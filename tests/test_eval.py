@@ -15,7 +15,8 @@ from owl2.cli import main
 from owl2.data.synth import QUESTION_TYPES, generate_world
 from owl2.eval.benchmarks import load_captions, load_mmbench, load_mme, load_shapes, load_vqa
 from owl2.eval.generate import render_prompt
-from owl2.eval.runner import format_table, load_suite, read_predictions, run_eval, score, training_run
+from owl2.eval.runner import read_predictions, run_eval, training_run
+from owl2.eval.suite import Suite
 from owl2.model import Owl2ForCausalLM
 from owl2.tracking import PARENT_RUN_TAG, Tracker
 
@@ -195,9 +196,9 @@ def test_shapes_heldout_splits(world):
 
 def test_suites_need_their_data(checkpoint, tmp_path, capsys):
     with pytest.raises(FileNotFoundError, match="--data"):
-        load_suite("mme")
+        Suite.load("mme")
     with pytest.raises(ValueError, match="unknown suite"):
-        load_suite("nope", "x")
+        Suite.load("nope", "x")
     data = tmp_path / "vqa.jsonl"
     data.write_text(json.dumps({"question_id": 1, "image": "val/1.jpg", "question": "Why?", "answer": "no"}) + "\n")
     # A wrong image root is reported before any model or Ray worker starts.
@@ -227,7 +228,7 @@ def test_score_mme_mmbench_and_unanswered_rows():
         _record("yes_no", "yes", ["Yes"], category="existence", image="b.png"),
         _record("yes_no", "yes", ["No"], category="existence", image="b.png"),
     ]
-    rows = {row.metric: row for row in score("mme", mme)}
+    rows = {row.metric: row for row in Suite("mme").score(mme)}
     assert rows["mme/existence/score"].value == pytest.approx(75 + 50)
     assert rows["mme/perception"].value == pytest.approx(125) and rows["mme/cognition"].value == 0
     options = {"A": "cat", "B": "dog"}
@@ -236,7 +237,7 @@ def test_score_mme_mmbench_and_unanswered_rows():
         _record("choice", "The answer is A.", ["B"], options=options, category="y"),
         _record("choice", "A", [], options=options),  # a test-split row: not scored
     ]
-    rows = {row.metric: row for row in score("mmbench", mmbench)}
+    rows = {row.metric: row for row in Suite("mmbench").score(mmbench)}
     assert (rows["mmbench/accuracy"].value, rows["mmbench/accuracy"].count) == (0.5, 2)
     assert rows["mmbench/x/accuracy"].value == 1.0 and rows["mmbench/y/accuracy"].value == 0.0
 
@@ -250,14 +251,14 @@ def test_score_shapes_per_question_type_against_chance():
         _record("text", "Three.", ["three"]),
         _record("caption", "a red circle.", ["a red circle at the top left."]),
     ]
-    rows = {row.metric: row for row in score("shapes", records, chance)}
+    rows = {row.metric: row for row in Suite("shapes", chance=chance).score(records)}
     assert (rows["shapes/vqa/color/accuracy"].value, rows["shapes/vqa/color/accuracy"].chance) == (1.0, 0.25)
     assert rows["shapes/vqa/yes_no/accuracy"].value == 0.0
     assert rows["shapes/vqa/accuracy"].value == pytest.approx(2 / 3)
     assert rows["shapes/vqa/accuracy"].chance == pytest.approx((0.25 + 0.25 + 0.5) / 3)
     assert rows["shapes/text/exact_match"].value == 1.0 and rows["shapes/text/exact_match"].chance == 0.1
     assert "shapes/captions/cider" in rows
-    table = format_table(list(rows.values()))
+    table = Suite.table(list(rows.values()))
     assert re.search(r"^shapes/vqa/color/accuracy\s+1\.0000\s+0\.2500\s+2$", table, re.M)
 
 
@@ -304,7 +305,7 @@ def test_eval_command_logs_a_child_run_with_metrics_per_question_type(
     assert run.data.tags[PARENT_RUN_TAG] == stage
     assert run.info.status == "FINISHED" and run.info.run_name == "eval-shapes"
     assert run.data.params["suite"] == "shapes" and run.data.params["checkpoint"] == str(checkpoint.resolve())
-    expected = {row.metric: row.value for row in score("shapes", records, {"text": 0})}
+    expected = {row.metric: row.value for row in Suite("shapes", chance={"text": 0}).score(records)}
     assert {f"shapes/vqa/{t}/accuracy" for t in types} <= set(run.data.metrics)
     assert run.data.metrics == pytest.approx(expected)
     history = tracker.client.get_metric_history(run_id, "shapes/vqa/accuracy")
@@ -372,7 +373,7 @@ def test_checkpoint_eval_scores_the_shapes_suite_and_restores_train_mode(world, 
 
     # The predictions file is the `owl2 eval` one: it re-scores to the same metrics.
     path = outcome.write_predictions(tmp_path / "predictions.jsonl")
-    rescored = score("shapes", read_predictions(path), {"text": 0})
+    rescored = Suite("shapes", chance={"text": 0}).score(read_predictions(path))
     assert {f"eval/{row.metric}": row.value for row in rescored} == pytest.approx(
         {key: value for key, value in metrics.items() if key != "eval/time_s"}
     )
@@ -381,7 +382,7 @@ def test_checkpoint_eval_scores_the_shapes_suite_and_restores_train_mode(world, 
     assert evaluator.items() is evaluator.items()
 
 
-def test_checkpoint_eval_logs_artifacts_to_the_stage_run(world, checkpoint, mlflow_uri):
+def test_checkpoint_eval_logs_artifacts_to_the_stage_run(world, checkpoint, mlflow_uri, tmp_path):
     from owl2.train.evaluate import CheckpointEval, log_outcome
 
     evaluator = CheckpointEval(_stage_with_eval(world, data=str(world), limit=1))
@@ -396,6 +397,9 @@ def test_checkpoint_eval_logs_artifacts_to_the_stage_run(world, checkpoint, mlfl
         "eval/step_000002/eval_table.txt",
         "eval/step_000002/metrics.json",
     }
+    # The logged table is the suite's, titled with the step, as `owl2 eval` logs its own.
+    table = tracker.client.download_artifacts(run_id, "eval/step_000002/eval_table.txt", str(tmp_path))
+    assert Path(table).read_text() == outcome.table("shapes at step 2") + "\n"
 
 
 def test_trainer_checks_the_eval_suite_before_workers_start(world, tmp_path):

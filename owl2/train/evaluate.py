@@ -2,7 +2,8 @@
 
 The rank-0 worker runs it on the bare model (inside DDP) between the optimizer step and the checkpoint;
 the other workers go on and wait in the checkpoint's first collective. Everything but the loop itself is
-:mod:`owl2.eval`'s: the suite's items and prompts, image loading, generation and scoring.
+:mod:`owl2.eval`'s: the :class:`~owl2.eval.suite.Suite` (items, chance levels, scoring, table, artifacts),
+prompts, image loading and generation, as ``owl2 eval`` uses them.
 """
 
 from __future__ import annotations
@@ -15,29 +16,30 @@ from typing import Any
 import torch
 
 from owl2.config import StageConfig
-from owl2.eval import runner
 from owl2.eval.benchmarks import EvalItem
 from owl2.eval.generate import ModelSource, generate_items, prediction_record, write_predictions
+from owl2.eval.suite import Row, Suite
 
 METRIC_PREFIX = "eval/"
 
 
 @dataclass
 class EvalOutcome:
-    """One evaluation: ``metrics`` are named ``eval/<suite metric>`` and include ``eval/time_s``."""
+    """One evaluation of ``suite``: ``metrics`` are named ``eval/<suite metric>`` and include ``eval/time_s``."""
 
     step: int
     metrics: dict[str, float]
-    rows: list[runner.Row]
+    rows: list[Row]
     records: list[dict[str, Any]]
     headline: str
+    suite: Suite
 
     def write_predictions(self, path: str | Path) -> Path:
-        """The predictions as ``owl2 eval`` writes them (one JSON record per line; :func:`runner.read_predictions`)."""
+        """The predictions as ``owl2 eval`` writes them (one JSON record per line; ``runner.read_predictions``)."""
         return write_predictions(self.records, path)
 
     def table(self, title: str = "") -> str:
-        return runner.format_table(self.rows, title)
+        return self.suite.table(self.rows, title)
 
 
 class CheckpointEval:
@@ -56,8 +58,7 @@ class CheckpointEval:
             image_token_at_front=True,
             resize=stage.data.resize,
         )
-        self._items: list[EvalItem] | None = None
-        self._chance: dict[str, float] | None = None
+        self._suite: Suite | None = None
         self._tokenizer: Any = None
 
     def due(self, step: int) -> bool:
@@ -65,20 +66,18 @@ class CheckpointEval:
         every = self.config.every
         return step == self.stage.max_steps or every is None or step % every == 0
 
-    def items(self) -> list[EvalItem]:
-        """The suite's first ``limit`` items (per split), read on first use; local images must exist."""
-        if self._items is None:
+    def suite(self) -> Suite:
+        """The suite on its first ``limit`` items (per split), read on first use; local images must exist."""
+        if self._suite is None:
             config = self.config
-            items = runner.load_suite(
+            self._suite = Suite.load(
                 config.suite, config.data, image_root=config.image_root, limit=config.limit, source=self.source
             )
-            if not items:
-                raise ValueError(f"the {config.suite} suite has no items (data: {config.data})")
-            runner.check_local_images(items)
-            if config.suite == "shapes":
-                self._chance = runner.shapes_chance(runner.world_root(self.source, config.data))
-            self._items = items
-        return self._items
+        return self._suite
+
+    def items(self) -> list[EvalItem]:
+        """The suite's items (loading it: the trainer calls this to check a suite before workers start)."""
+        return self.suite().items
 
     def tokenizer(self) -> Any:
         if self._tokenizer is None:
@@ -90,7 +89,8 @@ class CheckpointEval:
     def run(self, model: torch.nn.Module, step: int, dtype: torch.dtype = torch.float32) -> EvalOutcome:
         """Answer and score the suite with ``model`` (the bare model, not its DDP wrapper) in eval mode under
         ``no_grad`` (bf16 autocast when ``dtype`` is bfloat16, as training computes); its mode is restored."""
-        items, tokenizer = self.items(), self.tokenizer()
+        suite, tokenizer = self.suite(), self.tokenizer()
+        items = suite.items
         start = time.perf_counter()
         was_training = model.training
         model.eval()
@@ -113,15 +113,15 @@ class CheckpointEval:
             model.train(was_training)
         seconds = time.perf_counter() - start
         records = [prediction_record(item, reply) for item, reply in zip(items, replies, strict=True)]
-        rows = runner.score(self.config.suite, records, self._chance)
+        rows = suite.score(records)
         metrics = {METRIC_PREFIX + row.metric: row.value for row in rows}
         metrics[METRIC_PREFIX + "time_s"] = seconds
-        return EvalOutcome(step, metrics, rows, records, self._headline(rows, step, len(items), seconds))
+        return EvalOutcome(step, metrics, rows, records, self._headline(rows, step, len(items), seconds), suite)
 
-    def _headline(self, rows: list[runner.Row], step: int, count: int, seconds: float) -> str:
+    def _headline(self, rows: list[Row], step: int, count: int, seconds: float) -> str:
         """The first metric of each kind of item (e.g. VQA accuracy, caption CIDEr), with chance where known."""
         suite = self.config.suite
-        first: dict[str, runner.Row] = {}
+        first: dict[str, Row] = {}
         for row in rows:
             parts = row.metric.split("/")
             first.setdefault(parts[1] if suite == "shapes" and len(parts) > 2 else parts[0], row)
@@ -141,4 +141,4 @@ def log_outcome(tracker: Any, run_id: str, outcome: EvalOutcome, suite: str) -> 
     folder = f"eval/step_{outcome.step:06d}"
     with tempfile.TemporaryDirectory() as scratch:
         path = outcome.write_predictions(Path(scratch) / f"{suite}_predictions.jsonl")
-        runner.log_artifacts(tracker, run_id, path, outcome.rows, folder, title=f"{suite} at step {outcome.step}")
+        outcome.suite.log(tracker, run_id, path, outcome.rows, folder, title=f"{suite} at step {outcome.step}")

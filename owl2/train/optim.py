@@ -204,31 +204,21 @@ def group_table_rows(groups: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def format_group_table(groups: Iterable[dict[str, Any]]) -> str:
     """The groups as an aligned text table with a total row, for start-up logs."""
+    from owl2.tables import Column, format_table
+
     rows = group_table_rows(groups)
-    header = ("group", "module", "layer id", "lr scale", "lr", "weight decay", "tensors", "params")
-    lines = [
-        (
-            row["group"],
-            row["module"],
-            str(row["layer_id"]),
-            f"{row['lr_scale']:.6g}",
-            f"{row['lr']:.4g}",
-            f"{row['weight_decay']:g}",
-            str(row["tensors"]),
-            f"{row['params']:,}",
-        )
-        for row in rows
+    columns = [
+        Column("group", align="<"),
+        Column("module", align="<"),
+        Column("layer_id", "layer id"),
+        Column("lr_scale", "lr scale", ".6g"),
+        Column("lr", spec=".4g"),
+        Column("weight_decay", "weight decay", "g"),
+        Column("tensors"),
+        Column("params", spec=","),
     ]
-    total = ("total", "", "", "", "", "", str(sum(r["tensors"] for r in rows)), f"{sum(r['params'] for r in rows):,}")
-    widths = [max(len(line[i]) for line in (header, *lines, total)) for i in range(len(header))]
-
-    def render(cells: Sequence[str]) -> str:
-        # Text columns flush left, numbers flush right.
-        padded = (c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
-        return "  ".join(padded).rstrip()
-
-    rule = "-" * len(render(["-" * w for w in widths]))
-    return "\n".join([render(header), rule, *map(render, lines), rule, render(total)])
+    total = {"group": "total", "tensors": sum(r["tensors"] for r in rows), "params": sum(r["params"] for r in rows)}
+    return format_table(rows, columns, rules=True, footer=[total])
 
 
 # ------------------------------------------------------------------------------------------ checks
