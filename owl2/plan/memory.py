@@ -17,7 +17,9 @@ Activations are the tensors autograd saves for the backward pass, per layer, fro
 when its weight trains (PyTorch saves only what the gradients it must compute need); attention kernels save
 Q, K, V, the output and the log-sum-exp, and the boolean padding mask turns into an additive bias per layer
 (``[B, 1, T, T]`` in the compute dtype). Norms save their fp32 input. Activation checkpointing keeps each layer's
-input plus one layer's internals (the one being recomputed). The logits cost 12 B each at the loss: the fp32
+input plus one layer's internals (the one being recomputed). The backward pass adds a working set: the
+gradients flowing through one layer's MLP (three ``[tokens, intermediate]`` and two ``[tokens, width]`` tensors in
+the compute dtype) for the widest tower. The logits cost 12 B each at the loss: the fp32
 log-softmax the loss saves, its gradient and the gradient of its input.
 
 Gradient accumulation keeps the gradients between micro-batches, so the peak is the sum of all parts.
@@ -111,6 +113,8 @@ class _Stack:
     layers: int
     internals: float
     layer_input: float
+    working: float = 0.0
+    """Gradients alive while the backward pass goes through one layer."""
 
 
 def activation_bytes(spec: ModelConfig, trainable: Trainable, work: Workload) -> float:
@@ -122,10 +126,11 @@ def activation_bytes(spec: ModelConfig, trainable: Trainable, work: Workload) ->
     if images:
         stacks += [_vision_stack(spec, trainable, work, vision_tokens), _abstractor_stack(spec, trainable, work)]
         other += images * _image_tail(spec, trainable, work, vision_tokens)
+    working = max(stack.working for stack in stacks)
     if not work.checkpointing:
-        return other + sum(stack.layers * stack.internals for stack in stacks)
+        return other + working + sum(stack.layers * stack.internals for stack in stacks)
     inputs = sum(stack.layers * stack.layer_input for stack in stacks if stack.internals)
-    return other + inputs + max(stack.internals for stack in stacks)
+    return other + working + inputs + max(stack.internals for stack in stacks)
 
 
 def _decoder_stack(spec: ModelConfig, trainable: Trainable, work: Workload) -> _Stack:
@@ -138,7 +143,12 @@ def _decoder_stack(spec: ModelConfig, trainable: Trainable, work: Workload) -> _
     per_token = _decoder_layer(spec, trainable, images, 2 if work.bf16 else 4, residual32)
     mask_bias = work.micro_batch * work.length**2 * (2 if work.bf16 else 4)
     residual = tokens * config.hidden_size * (4 if residual32 else 2)
-    return _Stack(config.num_layers, tokens * per_token + mask_bias, residual)
+    working = _working(tokens, config.hidden_size, config.intermediate_size, work)
+    return _Stack(config.num_layers, tokens * per_token + mask_bias, residual, working)
+
+
+def _working(tokens: int, width: int, inner: int, work: Workload) -> float:
+    return tokens * (3 * inner + 2 * width) * (2 if work.bf16 else 4)
 
 
 def _decoder_layer(spec: ModelConfig, trainable: Trainable, images: bool, compute: int, residual32: bool) -> float:
@@ -174,9 +184,9 @@ def _vision_stack(spec: ModelConfig, trainable: Trainable, work: Workload, token
     images = work.micro_batch * work.images_per_row
     if not trainable.vision:
         return _Stack(config.num_layers, 0.0, 0.0)
-    return _Stack(
-        config.num_layers, images * tokens * _vision_block(spec, 2 if work.bf16 else 4), images * tokens * 4 * config.hidden_size
-    )
+    internals = images * tokens * _vision_block(spec, 2 if work.bf16 else 4)
+    working = _working(images * tokens, config.hidden_size, config.intermediate_size, work)
+    return _Stack(config.num_layers, internals, images * tokens * 4 * config.hidden_size, working)
 
 
 def _vision_block(spec: ModelConfig, compute: int) -> float:
