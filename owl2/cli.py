@@ -166,7 +166,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--gpu", help=f"the workers' GPU (default: resources.gpu): {', '.join(GPUS)}")
     target.add_argument("--gpu-memory-gb", type=float, help="GPU memory in GiB, for a GPU not in the table")
     parser.add_argument(
-        "--text-tokens", type=int, help="text tokens per row next to its one image (default: a full data.max_length row)"
+        "--text-tokens", type=int, help="text tokens per row beside its one image (default: a full data.max_length row)"
     )
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. stages.stage1.micro_batch_size=16")

@@ -142,7 +142,9 @@ class FlopModel:
         grid = self.image_size // self.spec.vision.patch_size
         queries, width = config.num_queries, config.hidden_size
         context = queries + grid * grid + 1
-        linear_forward = 2 * width * width * (2 * queries + 2 * context) + 6 * queries * width * config.intermediate_size
+        linear_forward = (
+            2 * width * width * (2 * queries + 2 * context) + 6 * queries * width * config.intermediate_size
+        )
         attention_forward = 4 * queries * context * width
         layer = _weighted(linear_forward, grads, trains) + _attention(attention_forward, grads)
         projection = _weighted(2 * queries * width * self.spec.decoder.hidden_size, grads, trains)

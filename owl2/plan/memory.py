@@ -218,7 +218,9 @@ def _abstractor_layer(spec: ModelConfig, trainable: Trainable, work: Workload) -
     compute = 2 if work.bf16 else 4
     queries, width, inner = config.num_queries, config.hidden_size, config.intermediate_size
     context = queries + (work.image_size // spec.vision.patch_size) ** 2 + 1
-    always = 4 * (2 * queries * width + queries * inner) + compute * ((2 * queries + 2 * context) * width + 3 * queries * inner)
+    always = 4 * (2 * queries * width + queries * inner) + compute * (
+        (2 * queries + 2 * context) * width + 3 * queries * inner
+    )
     own = compute * (2 * context * width + 3 * queries * width + queries * inner) if trainable.abstractor else 0.0
     return always + own
 

@@ -6,10 +6,13 @@ headroom: 10% for the caching allocator's fragmentation and 1 GiB for the CUDA c
 
 from __future__ import annotations
 
+import functools
+import json
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from owl2.config import ConfigError, ExperimentConfig, ModelConfig, StageConfig
+from owl2.config import ConfigError, ExperimentConfig, ModelConfig, StageConfig, build, to_dict
 from owl2.plan.flops import FlopModel, Trainable
 from owl2.plan.gpus import UnknownGPU, get_gpu
 from owl2.plan.memory import GIB, MemoryEstimate, ParameterLayout, Workload, estimate_memory
@@ -85,8 +88,14 @@ class StagePlan:
         }
 
 
-def stage_parameters(spec: ModelConfig, trainable: list[str], image_size: int) -> Parameters:
+def stage_parameters(spec: ModelConfig, trainable: Sequence[str], image_size: int) -> Parameters:
     """Count parameters on the meta device (no memory), at the stage's image size, with the stage's trainable set."""
+    return _stage_parameters(json.dumps(to_dict(spec), sort_keys=True), tuple(trainable), image_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _stage_parameters(spec_json: str, trainable: tuple[str, ...], image_size: int) -> Parameters:
+    # cached: the CLI and the training pre-check plan a stage more than once, and an 8B meta model takes seconds
     import torch
 
     from owl2.model.owl2 import Owl2Config, Owl2ForCausalLM
@@ -94,7 +103,7 @@ def stage_parameters(spec: ModelConfig, trainable: list[str], image_size: int) -
     from owl2.train.parallel import shard_plan
 
     with torch.device("meta"):
-        model = Owl2ForCausalLM(Owl2Config.from_spec(spec))
+        model = Owl2ForCausalLM(Owl2Config.from_spec(build(ModelConfig, json.loads(spec_json), "model")))
         model.set_image_size(image_size)
     sizes = {name: param.numel() for name, param in model.named_parameters()}
     trains = expected_trainable(model, trainable)
@@ -107,7 +116,9 @@ def stage_parameters(spec: ModelConfig, trainable: list[str], image_size: int) -
         "decoder_visual": sum(sizes[name] for name in visual),
     }
     units = [(prefix, unit) for prefix, unit in shard_plan(model) if prefix]
-    unit_sizes = [(sum(p.numel() for p in unit.parameters()), _trainable_in(unit, prefix, trains)) for prefix, unit in units]
+    unit_sizes = [
+        (sum(p.numel() for p in unit.parameters()), _trainable_in(unit, prefix, trains)) for prefix, unit in units
+    ]
     root = sum(sizes.values()) - sum(size for size, _ in unit_sizes)
     root_trainable = sum(sizes[name] for name in trains) - sum(count for _, count in unit_sizes)
     layout = ParameterLayout(
@@ -194,14 +205,21 @@ def format_plan(plan: StagePlan) -> str:
         ("parameters total", f"{params.total:,}"),
         ("parameters trainable", f"{params.trainable:,}"),
         *((f"  {tower}", f"{count:,}") for tower, count in params.towers.items()),
-        ("setup", f"{work.strategy} x{work.world_size}, {'bf16' if work.bf16 else 'fp32'}, micro-batch "
-         f"{work.micro_batch}, {work.length} tokens/row, checkpointing {'on' if work.checkpointing else 'off'}"),
+        (
+            "setup",
+            f"{work.strategy} x{work.world_size}, {'bf16' if work.bf16 else 'fp32'}, micro-batch "
+            f"{work.micro_batch}, {work.length} tokens/row, checkpointing {'on' if work.checkpointing else 'off'}",
+        ),
         *((f"memory {part} GiB", f"{value:.2f}") for part, value in mem.items()),
     ]
     if plan.gpu_memory_gib is not None:
         verdict = "fits" if plan.fits else "DOES NOT FIT"
-        rows.append((f"GPU {plan.gpu or ''} GiB".replace("  ", " "), f"{plan.gpu_memory_gib:.1f} (usable "
-                     f"{plan.usable_gib:.1f}): {verdict}"))
+        rows.append(
+            (
+                f"GPU {plan.gpu or ''} GiB".replace("  ", " "),
+                f"{plan.gpu_memory_gib:.1f} (usable {plan.usable_gib:.1f}): {verdict}",
+            )
+        )
     rows += [
         (f"model FLOPs/sample (1 image + {plan.text_tokens} text)", f"{plan.flops_model:.3e}"),
         ("hardware FLOPs/sample", f"{plan.flops_hardware:.3e}"),
