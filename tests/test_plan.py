@@ -19,7 +19,7 @@ from owl2.config import IMAGE_TOKEN_INDEX, ConfigError, ModelConfig, load_experi
 from owl2.model.owl2 import Owl2Config, Owl2ForCausalLM
 from owl2.plan.flops import FlopModel, Flops, Trainable
 from owl2.plan.gpus import GPUS, UnknownGPU, peak_tflops
-from owl2.plan.memory import GIB, Workload, estimate_memory
+from owl2.plan.memory import Workload, estimate_memory
 from owl2.plan.report import stage_parameters
 from owl2.train.optim import apply_trainable
 from owl2.train.parallel import apply_activation_checkpointing
@@ -65,7 +65,9 @@ def test_flop_rule_by_hand_for_a_text_row() -> None:
     spec = ModelConfig.from_preset("debug")
     d, t = spec.decoder, 10
     width, kv = d.hidden_size, d.num_kv_heads * d.head_dim
-    matmuls = d.num_layers * (2 * t * width * (2 * width + 2 * kv + 3 * d.intermediate_size)) + 2 * t * width * d.vocab_size
+    matmuls = (
+        d.num_layers * (2 * t * width * (2 * width + 2 * kv + 3 * d.intermediate_size)) + 2 * t * width * d.vocab_size
+    )
     causal = d.num_layers * 2 * width * t * (t + 1)  # Q K^T and P V over the lower triangle
     square = d.num_layers * 4 * width * t * t
     trained = FlopModel(spec, ["all"], spec.vision.image_size).sample(t, 0)
@@ -163,7 +165,9 @@ def test_bf16_policy_stores_frozen_weights_in_bf16_and_fsdp_shards() -> None:
     params = stage_parameters(spec, STAGE1, 224)
     assert params.total == 8_197_859_328 - 768 * 1024  # the 448 px position table resampled to 224 px
     frozen = params.total - params.trainable
-    ddp = estimate_memory(spec, Trainable.from_parts(STAGE1), params.layout, Workload("ddp", 8, True, 1, 512, 1, 224, True))
+    ddp = estimate_memory(
+        spec, Trainable.from_parts(STAGE1), params.layout, Workload("ddp", 8, True, 1, 512, 1, 224, True)
+    )
     assert ddp.weights == 2 * frozen + (4 + 2) * params.trainable  # bf16 frozen; fp32 masters + autocast casts
     assert (ddp.gradients, ddp.optimizer, ddp.buffers) == (4 * params.trainable, 8 * params.trainable, 0)
     fsdp = estimate_memory(

@@ -216,7 +216,7 @@ def format_plan(plan: StagePlan) -> str:
         verdict = "fits" if plan.fits else "DOES NOT FIT"
         rows.append(
             (
-                f"GPU {plan.gpu or ''} GiB".replace("  ", " "),
+                f"GPU {plan.gpu} GiB" if plan.gpu else "GPU GiB",
                 f"{plan.gpu_memory_gib:.1f} (usable {plan.usable_gib:.1f}): {verdict}",
             )
         )
