@@ -23,6 +23,9 @@ the compute dtype) for the widest tower. The logits cost 12 B each at the loss: 
 log-softmax the loss saves, its gradient and the gradient of its input.
 
 Gradient accumulation keeps the gradients between micro-batches, so the peak is the sum of all parts.
+
+tests/test_plan.py checks every part against a measured fp32 training step at true widths (stage 1's trainable
+set, with and without checkpointing); the bf16 sizes follow the same formulas and are not measured yet.
 """
 
 from __future__ import annotations
@@ -122,7 +125,8 @@ def activation_bytes(spec: ModelConfig, trainable: Trainable, work: Workload) ->
     images = work.micro_batch * work.images_per_row
     vision_tokens = (work.image_size // spec.vision.patch_size) ** 2 + 1
     stacks = [_decoder_stack(spec, trainable, work)]
-    other = work.micro_batch * work.length * (LOGIT_BYTES * spec.decoder.vocab_size + _decoder_tail(spec, trainable))
+    per_token = LOGIT_BYTES * spec.decoder.vocab_size + _decoder_tail(spec, trainable, work)
+    other = work.micro_batch * work.length * per_token
     if images:
         stacks += [_vision_stack(spec, trainable, work, vision_tokens), _abstractor_stack(spec, trainable, work)]
         other += images * _image_tail(spec, trainable, work, vision_tokens)
@@ -173,10 +177,12 @@ def _decoder_layer(spec: ModelConfig, trainable: Trainable, images: bool, comput
     return norm_inputs + normed + linear_inputs + attention + mlp
 
 
-def _decoder_tail(spec: ModelConfig, trainable: Trainable) -> float:
-    """Per token after the layers: the final norm's fp32 input and the LM head's input when the head trains."""
+def _decoder_tail(spec: ModelConfig, trainable: Trainable, work: Workload) -> float:
+    """Per token after the layers: the final norm's fp32 input, its normalised input when its weight trains, and
+    the LM head's input (compute dtype) when the head trains."""
     width = spec.decoder.hidden_size
-    return 4 * width + (4 * width if trainable.decoder else 0) + (4 * width if trainable.lm_head else 0)
+    head_input = (2 if work.bf16 else 4) * width if trainable.lm_head else 0
+    return 4 * width + (4 * width if trainable.decoder else 0) + head_input
 
 
 def _vision_stack(spec: ModelConfig, trainable: Trainable, work: Workload, tokens: int) -> _Stack:
