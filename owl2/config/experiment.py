@@ -48,10 +48,23 @@ class ResourcesConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
+    gpu: str | None = None
+    """The workers' GPU, a name of ``owl2.plan.gpus.GPUS`` (e.g. ``h100-80gb``): ``owl2 train`` then refuses a
+    stage whose memory plan does not fit, and MFU uses its peak."""
+    peak_tflops: float | None = None
+    """Dense bf16 peak per GPU in TFLOP/s, overriding the GPU table's."""
+    ignore_memory_plan: bool = False
+    """Start stages that the memory plan says do not fit (for experts who know better)."""
 
     def __post_init__(self) -> None:
+        from owl2.plan.gpus import GPUS  # a plain table: imports nothing of owl2
+
         at_least(self.num_workers, 1, "resources.num_workers")
         positive(self.cpus_per_worker, "resources.cpus_per_worker")
+        if self.gpu is not None:
+            one_of(self.gpu, list(GPUS), "resources.gpu")
+        if self.peak_tflops is not None:
+            positive(self.peak_tflops, "resources.peak_tflops")
 
 
 @dataclasses.dataclass
