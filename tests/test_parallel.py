@@ -9,6 +9,8 @@ keeps refusing ``strategy: fsdp`` without GPUs, since FSDP2 on CPU is for tests 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import socket
 from pathlib import Path
@@ -20,13 +22,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from owl2.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ModelConfig, OptimConfig
+from owl2.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ModelConfig, OptimConfig, StageConfig, build, load_yaml
 from owl2.model import Owl2Config, Owl2ForCausalLM
 from owl2.train import checkpoint as ckpt
 from owl2.train import parallel
 from owl2.train.optim import apply_trainable, build_optimizer, unwrap, verify_optimizer_setup, warmup_cosine
 
 WORLD = 2
+RECIPE = Path(__file__).resolve().parents[1] / "experiments" / "owl2_7b"
 STAGE1 = ["vision", "abstractor", "decoder.visual"]
 OPTIM = OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.05, grad_clip=0.5)
 # Each scenario: trainable parts, micro-batches per rank, rank whose micro-batches are text only (-1: none),
@@ -409,3 +412,130 @@ def test_ddp_with_checkpointing_and_text_only_micro_batches(single_process_group
         == ref_optimizer.state_dict()["param_groups"]
     )
     _assert_same_states(parallel.model_state_for_checkpoint(wrapped), reference.state_dict(), atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ precision policy
+
+
+def _stage(precision: str, name: str = "stage1") -> StageConfig:
+    """The shipped 7B recipe's stage with ``precision`` (bf16 in the YAML)."""
+    stage = build(StageConfig, load_yaml(RECIPE / f"{name}.yaml"), f"stages.{name}")
+    return dataclasses.replace(stage, precision=precision)
+
+
+def _prepared(parts: list[str], precision: str, model: Owl2ForCausalLM | None = None) -> Owl2ForCausalLM:
+    model = _prepare(model if model is not None else _model(), parts, ac=False)
+    parallel.prepare_precision(model, _stage(precision), torch.device("cpu"))
+    return model
+
+
+def _autocast_step(model: Owl2ForCausalLM, batch: dict[str, Any]) -> tuple[float, dict[str, torch.Tensor]]:
+    """A forward and backward under CPU bf16 autocast, as the loop runs a bf16 stage: the loss and the grads."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    return float(loss.detach()), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_bf16_stage1_stores_frozen_weights_in_bf16_and_trains_fp32_masters():
+    model = _prepared(STAGE1, "bf16")
+    norms = {
+        f"{name}.{p}"
+        for name, m in model.named_modules()
+        if isinstance(m, parallel.NORMS)
+        for p, _ in m.named_parameters()
+    }
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    for name, param in model.named_parameters():
+        expected = torch.float32 if name in trainable or name in norms else torch.bfloat16
+        assert param.dtype == expected, name
+    assert model.decoder.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16  # the bulk of the frozen decoder
+    assert model.decoder.rotary_emb.inv_freq.dtype == torch.float32
+    assert {b.dtype for b in model.abstractor.buffers()} == {torch.float32}
+
+    frozen_before = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    optimizer, _ = build_optimizer(model, OPTIM)
+    loss, grads = _autocast_step(model, _batch(11))
+    assert math.isfinite(loss) and set(grads) == trainable
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+    trained_before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    optimizer.step()
+    for name, param in model.named_parameters():
+        before = frozen_before.get(name, trained_before.get(name))
+        assert torch.equal(param, before) != (name in trainable), name
+
+    # The same step with the float32 frozen model under autocast: the residual stream is bf16 now (the
+    # embeddings are), which moves the loss by ~1e-4 and the gradients by ~0.6% on this model.
+    reference = _prepare(_model(), STAGE1, ac=False)
+    reference_loss, reference_grads = _autocast_step(reference, _batch(11))
+    assert loss == pytest.approx(reference_loss, abs=2e-3)
+    ours, theirs = (torch.cat([g[name].flatten() for name in sorted(trainable)]) for g in (grads, reference_grads))
+    assert float((ours - theirs).norm() / theirs.norm()) < 0.02
+
+
+def _weight_copies_kept_for_backward(model: Owl2ForCausalLM, batch: dict[str, Any]) -> int:
+    """Saved-for-backward tensors without gradient shaped like a frozen weight but not that weight: autocast's
+    copies (those of trainable weights are cached per step and require gradients)."""
+    frozen = {p.data_ptr(): p.shape for p in model.parameters() if not p.requires_grad and p.dim() == 2}
+    shapes = set(frozen.values())
+    copies = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal copies
+        copies += tensor.shape in shapes and tensor.data_ptr() not in frozen and not tensor.requires_grad
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        _autocast_step(model, batch)
+    return copies
+
+
+def test_bf16_frozen_weights_are_not_cast_per_forward():
+    batch = _batch(12)
+    assert _weight_copies_kept_for_backward(_prepare(_model(), STAGE1, ac=False), batch) > 0  # fp32: one copy each
+    assert _weight_copies_kept_for_backward(_prepared(STAGE1, "bf16"), batch) == 0
+
+
+def test_fp32_precision_changes_nothing():
+    plain, prepared = _prepare(_model(), STAGE1, ac=False), _prepared(STAGE1, "fp32")
+    assert {p.dtype for p in prepared.parameters()} == {torch.float32}
+    _assert_same_states(prepared.state_dict(), plain.state_dict(), atol=0.0, rtol=0.0)
+
+
+def test_bf16_stage1_model_generates_under_autocast():
+    model = _prepared(STAGE1, "bf16").eval()
+    batch = _batch(13)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out = model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            images=batch["images"],
+            image_counts=None,
+            max_new_tokens=3,
+            do_sample=False,
+        )
+    assert out.shape[0] == 2 and out.shape[1] > batch["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_stage2_upcasts_what_it_trains_from_a_bf16_stage1_checkpoint(tmp_path, precision):
+    stage1 = _prepared(STAGE1, "bf16")
+    optimizer, _ = build_optimizer(stage1, OPTIM)
+    scheduler = warmup_cosine(optimizer, 1, 10, 0.0)
+    ckpt.save(tmp_path / "stage1", stage1, optimizer, scheduler, ckpt.TrainState(stage="stage1"), "name: x\n")
+    saved = load_file(tmp_path / "stage1" / "model.safetensors")
+    assert saved["decoder.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+
+    stage2 = _prepared(["all"], precision, Owl2ForCausalLM.from_pretrained(tmp_path / "stage1"))
+    assert {p.dtype for p in stage2.parameters()} == {torch.float32}
+    _assert_same_states({k: v.float() for k, v in saved.items()}, stage2.state_dict(), atol=0.0, rtol=0.0)
+    loss, grads = _autocast_step(stage2, _batch(14))
+    assert math.isfinite(loss) and set(grads) == {name for name, _ in stage2.named_parameters()}
+
+
+def test_ddp_options_share_gradient_buckets_and_search_unused_parameters_only_for_conversations():
+    assert parallel.ddp_options(_stage("bf16", "stage1")) == {
+        "find_unused_parameters": False,
+        "gradient_as_bucket_view": True,
+    }
+    assert parallel.ddp_options(_stage("bf16", "stage2"))["find_unused_parameters"]

@@ -54,8 +54,9 @@ def prepare_precision(model: nn.Module, stage: StageConfig, device: torch.device
     is left unchanged, and a checkpoint written with bfloat16 frozen weights comes back as float32 for
     whatever the next stage trains. Frozen norms stay float32 too (0.01% of the weights): a frozen bfloat16
     LayerNorm fed by a trainable float32 tower (the abstractor after a trained vision encoder) fails under
-    CPU autocast, which leaves ``layer_norm`` alone. Buffers keep their dtype: the only ones are the RoPE frequencies and the
-    abstractor's sin-cos tables, fixed tables that must stay float32 (``reset_fixed_buffers``).
+    CPU autocast, which leaves ``layer_norm`` alone. Buffers keep their dtype: the only ones are the RoPE
+    frequencies and the abstractor's sin-cos tables, fixed tables that must stay float32
+    (``reset_fixed_buffers``).
     """
     frozen = torch.bfloat16 if use_bf16(stage, device) else torch.float32
     with torch.no_grad():
@@ -109,9 +110,10 @@ def wrap(
 ) -> nn.Module:
     """The stage's data-parallel model: ``model`` under DDP (through Ray Train) or sharded with FSDP2.
 
-    Call it after ``apply_trainable`` and :func:`prepare_precision`, before building the optimizer. ``mesh`` (FSDP2 only) defaults to
-    one dimension over the whole process group. ``defer_fsdp_sync`` makes :func:`gradient_sync` skip FSDP2's
-    reduce-scatter on all but the last micro-batch (see there); it is recorded on the returned model.
+    Call it after ``apply_trainable`` and :func:`prepare_precision`, before building the optimizer. ``mesh``
+    (FSDP2 only) defaults to one dimension over the whole process group. ``defer_fsdp_sync`` makes
+    :func:`gradient_sync` skip FSDP2's reduce-scatter on all but the last micro-batch (see there); it is
+    recorded on the returned model.
     """
     if stage.activation_checkpointing:
         apply_activation_checkpointing(model)
