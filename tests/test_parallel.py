@@ -22,7 +22,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from owl2.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ModelConfig, OptimConfig, StageConfig, build, load_yaml
+from owl2.config import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN_INDEX,
+    ModelConfig,
+    OptimConfig,
+    StageConfig,
+    build,
+    load_experiment,
+    load_yaml,
+)
 from owl2.model import Owl2Config, Owl2ForCausalLM
 from owl2.train import checkpoint as ckpt
 from owl2.train import parallel
@@ -116,6 +125,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         _scenarios(rank, Path(out))
         _round_trip(rank, Path(out))
         _mixed_precision(rank, Path(out))
+        _stage1_frozen_bf16(rank, Path(out))
     finally:
         dist.destroy_process_group()
 
@@ -219,6 +229,35 @@ def _mixed_precision(rank: int, out: Path) -> None:
         torch.save(result, out / "bf16.pt")
 
 
+def _stage1_frozen_bf16(rank: int, out: Path) -> None:
+    """Stage 1 as the 7B recipe can run it under FSDP2: frozen weights stored in bf16 next to float32 trainable
+    ones in the same units (a decoder layer's visual K/V and norms), bf16 compute, rank 1 with text only."""
+    model = _prepared(STAGE1, "bf16")
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    wrapped = parallel.shard(model, bf16=True)
+    dtypes = {name: p.dtype for name, p in wrapped.named_parameters()}
+    optimizer, _ = build_optimizer(wrapped, OPTIM)
+    verify_optimizer_setup(wrapped, optimizer, STAGE1)
+    loss, _ = _autocast_step(wrapped, _batch(50 + rank, images=rank == 0))
+    grads = _gathered_grads(wrapped)
+    parallel.clip_grad_norm(wrapped, OPTIM.grad_clip)
+    optimizer.step()
+    after = parallel.model_state_for_checkpoint(wrapped)
+    after_optimizer = parallel.optimizer_state_for_checkpoint(wrapped, optimizer)
+
+    # Into another initialisation's shards, as a resume loads them: the same full states come back.
+    other = parallel.shard(_prepared(STAGE1, "bf16", _model(seed=1)), bf16=True)
+    other_optimizer, _ = build_optimizer(other, OPTIM)
+    parallel.load_model_state(other, after if rank == 0 else None)
+    parallel.load_optimizer_state(other, other_optimizer, after_optimizer if rank == 0 else None)
+    reloaded = parallel.model_state_for_checkpoint(other)
+    reloaded_optimizer = parallel.optimizer_state_for_checkpoint(other, other_optimizer)
+    if rank == 0:
+        result = {"loss": loss, "dtypes": dtypes, "grads": grads, "before": before, "after": after}
+        result |= {"optimizer": after_optimizer, "reloaded": reloaded, "reloaded_optimizer": reloaded_optimizer}
+        torch.save(result, out / "stage1_bf16.pt")
+
+
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Children inherit the environment (offline hub) and find this module through the inherited sys.path.
@@ -314,6 +353,32 @@ def test_bf16_computes_in_bf16_and_keeps_fp32_shards(fsdp_results):
     with torch.no_grad():
         reference = float(fp32(**_batch(30), use_cache=False).loss)
     assert result["loss"] == pytest.approx(reference, abs=0.05)
+
+
+def test_fsdp_stage1_keeps_frozen_bf16_weights_and_round_trips(fsdp_results):
+    result = _load(fsdp_results, "stage1_bf16")
+    model = _prepared(STAGE1, "bf16")
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert result["dtypes"] == {name: p.dtype for name, p in model.named_parameters()}  # shards keep the policy
+    assert torch.bfloat16 in result["dtypes"].values()
+    assert set(result["grads"]) == trainable  # vision included: rank 1 (text only) visited every unit
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in result["grads"].values())
+    assert math.isfinite(result["loss"])
+    for name, value in result["after"].items():
+        assert value.dtype == result["before"][name].dtype, name
+        assert torch.equal(value, result["before"][name]) != (name in trainable), name
+    exact = {"atol": 0.0, "rtol": 0.0}
+    _assert_same_states(result["reloaded"], result["after"], **exact)
+    _assert_same_optimizer(result["reloaded_optimizer"], result["optimizer"], **exact)
+
+    # The same step on one process under autocast: 0.8% apart (FSDP2 also computes the norms and the trainable
+    # weights' elementwise ops in bf16, and reduces in another order).
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = [model(**_batch(50 + rank, images=rank == 0), use_cache=False).loss for rank in range(WORLD)]
+    (sum(losses) / WORLD).backward()  # the text-only loss alone reaches no trainable weight here
+    ours = torch.cat([result["grads"][name].flatten() for name in sorted(trainable)])
+    reference = torch.cat([model.get_parameter(name).grad.flatten() for name in sorted(trainable)])
+    assert float((ours - reference).norm() / reference.norm()) < 0.03
 
 
 # ------------------------------------------------------------------------------------------ without sharding
@@ -531,6 +596,11 @@ def test_stage2_upcasts_what_it_trains_from_a_bf16_stage1_checkpoint(tmp_path, p
     _assert_same_states({k: v.float() for k, v in saved.items()}, stage2.state_dict(), atol=0.0, rtol=0.0)
     loss, grads = _autocast_step(stage2, _batch(14))
     assert math.isfinite(loss) and set(grads) == {name for name, _ in stage2.named_parameters()}
+
+
+def test_the_7b_recipe_may_run_stage1_under_fsdp():
+    experiment = load_experiment(RECIPE / "pipeline.yaml", ["stages.stage1.strategy=fsdp"])
+    assert experiment.stages["stage1"].strategy == "fsdp"
 
 
 def test_ddp_options_share_gradient_buckets_and_search_unused_parameters_only_for_conversations():
