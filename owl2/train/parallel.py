@@ -141,9 +141,14 @@ def ddp_options(stage: StageConfig) -> dict[str, bool]:
 def shard(model: nn.Module, mesh: Any = None, *, bf16: bool = False, device: torch.device | None = None) -> nn.Module:
     """Apply FSDP2 to ``model`` in place (per :func:`shard_plan`) and return it.
 
-    With ``bf16`` the units gather their parameters in bfloat16 for compute while the shards, the gradients'
-    reduction and the optimizer stay float32. The parameters move to the mesh's device unit by unit, so a
-    model loaded on the CPU never has to fit on one GPU whole.
+    With ``bf16`` the units gather their parameters in bfloat16 for compute while the trainable shards, the
+    gradients' reduction and the optimizer stay float32. The parameters move to the mesh's device unit by unit,
+    so a model loaded on the CPU never has to fit on one GPU whole.
+
+    A unit may mix frozen and trainable parameters (stage 1's decoder layers: frozen shared weights, trainable
+    visual K/V and norms): FSDP2 reduce-scatters gradients of the trainable ones only and needs only those to
+    share one dtype, which :func:`prepare_precision` makes float32. Frozen shards stay in the dtype it gave
+    them: bfloat16 ones are gathered as they are (the policy's dtype), the float32 norms cast for the gather.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
