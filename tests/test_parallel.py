@@ -462,16 +462,20 @@ def single_process_group():
 
 
 def test_ddp_with_checkpointing_and_text_only_micro_batches(single_process_group):
-    """What ``wrap`` builds for DDP (without Ray's helper): checkpointing composes with unused-parameter search."""
+    """What ``wrap`` builds for DDP (without Ray's helper): checkpointing composes with unused-parameter search
+    and gradients that are views into DDP's buckets, over micro-batches that skip the all-reduce."""
     batches = [_batch(40, images=False), _batch(41)]
     reference = _prepare(_model(), ["all"], ac=False)
     ref_optimizer, _ = build_optimizer(reference, OPTIM)
     _train_step(reference, ref_optimizer, batches)
     model = _prepare(_model(), ["all"], ac=True)
-    wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    # The 7B stage 2's options: conversations (text-only rows) search unused parameters; gradient bucket views.
+    wrapped = torch.nn.parallel.DistributedDataParallel(model, **parallel.ddp_options(_stage("bf16", "stage2")))
     optimizer, _ = build_optimizer(wrapped, OPTIM)
     verify_optimizer_setup(wrapped, optimizer, ["all"])
     _train_step(wrapped, optimizer, batches)
+    grads = [p.grad for p in wrapped.parameters() if p.grad is not None]
+    assert len({grad.untyped_storage().data_ptr() for grad in grads}) < len(grads)  # views into shared buckets
     assert (
         parallel.optimizer_state_for_checkpoint(wrapped, optimizer)["param_groups"]
         == ref_optimizer.state_dict()["param_groups"]
