@@ -15,7 +15,8 @@ is recorded as that section's ``error`` and the rest still runs.
   (FLOPs counted by ``torch.utils.flop_counter``).
 * ``stage1_step``: one full training step of the 7B model as ``experiments/owl2_7b/stage1.yaml`` configures it
   (micro-batch, image size, trainable set, activation checkpointing, bf16), with the real optimizer
-  (``build_optimizer``) and precision policy (``parallel.prepare_precision``), and its peak memory.
+  (``build_optimizer``) and precision policy (``parallel.prepare_precision``), and its peak memory;
+  ``stage1_step_checkpointed`` the same with activation checkpointing on, in case the YAML's setting fails.
 * ``stage2_step``: the same for stage 2 at full depth without optimizer state (its AdamW state only fits
   sharded), and ``stage2_step_full_state``: the deepest stage-2 model whose whole training state fits.
 * ``sync_debug``: one stage-1 step under ``torch.cuda.set_sync_debug_mode("error")``: whether it raised, where.
@@ -257,11 +258,16 @@ def plan_estimate(stage_name: str, spec: Any, stage: Any, *, optimizer: bool) ->
     return None
 
 
-def stage_step(bench: Bench, name: str, *, layers: int | None = None, optimizer: bool = True) -> dict[str, Any]:
-    """One warm-up and one timed training step of the recipe's stage; peak memory over both."""
+def stage_step(
+    bench: Bench, name: str, *, layers: int | None = None, optimizer: bool = True, checkpointing: bool | None = None
+) -> dict[str, Any]:
+    """One warm-up and one timed training step of the recipe's stage (activation checkpointing as configured
+    unless ``checkpointing`` says); peak memory over both."""
     from owl2.train.optim import build_optimizer
 
     stage = bench.stage(name)
+    if checkpointing is not None:
+        stage = dataclasses.replace(stage, activation_checkpointing=checkpointing)
     spec = bench.spec(layers)
     bench.reset_peak()
     model = random_model(bench, spec, stage)
@@ -313,7 +319,7 @@ def sync_debug(bench: Bench) -> dict[str, Any]:
         torch.cuda.set_sync_debug_mode("error")
     try:
         train_step(model, optimizer, batch)
-    except RuntimeError as error:
+    except Exception as error:  # noqa: BLE001 - torch raises RuntimeError; any failure is what is asked
         frames = [f"{f.filename}:{f.lineno} {f.name}" for f in traceback.extract_tb(error.__traceback__)]
         result.update(raised=True, error=str(error).splitlines()[0], where=frames[-6:])
     finally:
@@ -345,6 +351,7 @@ def run(bench: Bench) -> dict[str, Any]:
         "decoder_layer": lambda: decoder_layer(bench),
         "vision": lambda: vision(bench),
         "stage1_step": lambda: stage_step(bench, "stage1"),
+        "stage1_step_checkpointed": lambda: stage_step(bench, "stage1", checkpointing=True),
         "stage2_step": lambda: stage_step(bench, "stage2", optimizer=False),
         "stage2_step_full_state": lambda: stage_step(bench, "stage2", layers=deepest_full_state(bench)),
         "sync_debug": lambda: sync_debug(bench),

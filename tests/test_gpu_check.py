@@ -54,12 +54,16 @@ def test_cpu_smoke_writes_every_check(tmp_path):
     ]:
         assert RATE_KEYS <= set(rate) and rate["flops"] > 0 and rate["mfu"] > 0
 
-    for name in ("stage1_step", "stage2_step", "stage2_step_full_state"):
+    for name in ("stage1_step", "stage1_step_checkpointed", "stage2_step", "stage2_step_full_state"):
         assert set(result[name]) == STEP_KEYS, name
         assert result[name]["step_seconds"] > 0 and result[name]["peak_memory_gb"] is None  # no CUDA
     assert result["stage1_step"]["trainable"] == ["vision", "abstractor", "decoder.visual"]
     assert result["stage1_step"]["optimizer"] and not result["stage2_step"]["optimizer"]
     assert result["stage2_step"]["activation_checkpointing"]  # as stage2.yaml asks
+    assert (
+        not result["stage1_step"]["activation_checkpointing"]
+        and result["stage1_step_checkpointed"]["activation_checkpointing"]
+    )
     assert result["sync_debug"]["raised"] is False
 
 

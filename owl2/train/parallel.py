@@ -1,5 +1,6 @@
 """Data parallelism for the train loop: DDP or FSDP2, activation checkpointing, and strategy-free helpers.
 
+``prepare_precision`` stores each parameter in the dtype the stage needs (frozen ones in bf16 under bf16), then
 ``wrap`` turns the bare ``Owl2ForCausalLM`` into what the loop trains; everything the loop does that depends on
 the strategy goes through a helper here (gradient sync during accumulation, clipping, checkpoint state in and
 out), so ``loop.py`` never asks which strategy runs. The model itself holds no distribution code.
@@ -50,7 +51,8 @@ def prepare_precision(model: nn.Module, stage: StageConfig, device: torch.device
     ones are stored in bfloat16 when the stage computes in bf16, float32 otherwise: autocast caches its casts
     only for weights that require gradients, so a float32 frozen weight would be cast again in every forward
     and that copy kept for the backward (13 GB for the frozen 6.7B decoder of stage 1, on top of its 27 GB of
-    float32 storage). A bfloat16 weight goes through autocast as it is. With fp32 precision a float32 model
+    float32 storage). A bfloat16 weight goes through autocast as it is; with frozen embeddings the decoder's
+    residual stream is then bfloat16, as under FSDP2's bf16 policy. With fp32 precision a float32 model
     is left unchanged, and a checkpoint written with bfloat16 frozen weights comes back as float32 for
     whatever the next stage trains. Frozen norms stay float32 too (0.01% of the weights): a frozen bfloat16
     LayerNorm fed by a trainable float32 tower (the abstractor after a trained vision encoder) fails under
