@@ -49,6 +49,12 @@ def _build_parser() -> argparse.ArgumentParser:
     add_demo_arguments(demo)
     demo.set_defaults(handler=run_demo_command)
 
+    plan = commands.add_parser(
+        "plan", help="per stage, from the config alone: parameters, memory per GPU and whether it fits, FLOPs"
+    )
+    add_plan_arguments(plan)
+    plan.set_defaults(handler=run_plan_command)
+
     sweep = commands.add_parser("sweep", help="run a Ray Tune sweep whose trials are training runs")
     add_sweep_arguments(sweep)
     sweep.set_defaults(handler=run_sweep_command)
@@ -149,6 +155,40 @@ def job_entrypoint(description: str, add_arguments: Any, run: Any, argv: Sequenc
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
+
+
+def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``owl2 plan``."""
+    from owl2.plan.gpus import GPUS
+
+    parser.add_argument("--config", required=True, help="experiment YAML, e.g. experiments/owl2_7b/pipeline.yaml")
+    target = parser.add_mutually_exclusive_group()
+    target.add_argument("--gpu", help=f"the workers' GPU (default: resources.gpu): {', '.join(GPUS)}")
+    target.add_argument("--gpu-memory-gb", type=float, help="GPU memory in GiB, for a GPU not in the table")
+    parser.add_argument(
+        "--text-tokens", type=int, help="text tokens per row beside its one image (default: a full data.max_length row)"
+    )
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. stages.stage1.micro_batch_size=16")
+
+
+def run_plan_command(args: argparse.Namespace) -> int:
+    """Print every stage's plan; exit status 1 when a stage does not fit, with one line per such stage."""
+    import json
+
+    from owl2.config import load_experiment
+    from owl2.plan.report import format_plan, plan_experiment
+
+    experiment = load_experiment(args.config, list(args.overrides))
+    plans = plan_experiment(experiment, args.gpu, args.gpu_memory_gb, args.text_tokens)
+    if args.json:
+        print(json.dumps({"stages": {name: plan.to_json() for name, plan in plans.items()}}, indent=2))
+    else:
+        print("\n\n".join(format_plan(plan) for plan in plans.values()))
+    failing = [plan for plan in plans.values() if plan.fits is False]
+    for plan in failing:
+        print(f"owl2: {plan.reason()}", file=sys.stderr)
+    return 1 if failing else 0
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:

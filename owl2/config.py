@@ -505,10 +505,27 @@ class ResourcesConfig:
     use_gpu: bool = False
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 1.0
+    gpu: str | None = None
+    """The workers' GPU, a name of ``owl2.plan.gpus.GPUS`` (e.g. ``h100-80gb``): ``owl2 train`` then refuses a
+    stage whose memory plan does not fit, and MFU uses its peak."""
+    peak_tflops: float | None = None
+    """Dense bf16 peak per GPU in TFLOP/s, overriding the GPU table's."""
+    ignore_memory_plan: bool = False
+    """Start stages that the memory plan says do not fit (for experts who know better)."""
 
     def __post_init__(self) -> None:
+        from owl2.plan.gpus import GPUS
+
         _check(self.num_workers >= 1, f"resources.num_workers must be >= 1, got {self.num_workers}")
         _check(self.cpus_per_worker > 0, f"resources.cpus_per_worker must be positive, got {self.cpus_per_worker}")
+        _check(
+            self.gpu is None or self.gpu in GPUS,
+            f"resources.gpu {self.gpu!r} is not a known GPU; choose one of {', '.join(GPUS)}",
+        )
+        _check(
+            self.peak_tflops is None or self.peak_tflops > 0,
+            f"resources.peak_tflops must be positive, got {self.peak_tflops}",
+        )
 
 
 @dataclasses.dataclass

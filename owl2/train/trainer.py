@@ -74,6 +74,25 @@ def check_tokenizers(experiment: ExperimentConfig) -> None:
             )
 
 
+def check_memory_plan(experiment: ExperimentConfig, stages: list[str] | None = None) -> None:
+    """Each stage must fit on the workers' GPU by ``owl2 plan``'s estimate: checked before any worker starts,
+    when the GPU is named (``resources.gpu``) and ``resources.ignore_memory_plan`` is off."""
+    from owl2.plan.report import plan_stage
+
+    resources = experiment.resources
+    if not (resources.use_gpu and resources.gpu) or resources.ignore_memory_plan:
+        return
+    for name in experiment.stages:
+        if stages and name not in stages:
+            continue
+        plan = plan_stage(experiment, name)
+        if not plan.fits:
+            raise ConfigError(
+                f"stages.{name}: {plan.reason()}; see `owl2 plan`, or set resources.ignore_memory_plan=true to start "
+                "it anyway"
+            )
+
+
 def check_evals(experiment: ExperimentConfig, stages: list[str] | None = None) -> None:
     """Each stage's eval suite must load, with its local images present: checked before any worker starts."""
     from owl2.train.evaluate import CheckpointEval
@@ -119,6 +138,7 @@ def run_experiment(
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; the experiment defines {list(experiment.stages)}")
     check_tokenizers(experiment)
+    check_memory_plan(experiment, stages)
     check_init_from(experiment, stages)
     check_evals(experiment, stages)
     ensure_ray()

@@ -1,0 +1,180 @@
+"""The FLOP rule: matmul FLOPs of one training sample or batch, from the architecture alone (host arithmetic).
+
+Counted: every matrix multiply (linear layers, the patch-embedding convolution, attention's ``Q K^T`` and
+``P V``), 2 FLOPs per multiply-add; norms, activations, softmax, RoPE and the loss are left out (a few percent).
+
+Backward cost per matmul: the input gradient costs one forward when anything before it trains, the weight
+gradient one forward when its weight trains. So a trainable module costs 3x its forward, a frozen one that
+gradients pass through (stage 1's decoder) 2x, a frozen one with nothing trainable before it 1x. Attention
+(no weights) costs 3x when gradients pass through it. Granularity is the tower: within a tower, gradients are
+taken to flow from its first layer on when anything in or before the tower trains.
+
+Two totals:
+
+- ``model``: the work the mathematics needs. Each decoder token goes through its own modality's K/V copy;
+  causal attention counts the lower triangle (query ``i`` sees ``i + 1`` keys). This is the MFU numerator.
+- ``hardware``: what the implementation executes. With images in the batch both K/V copies run on every token
+  (``Multiway`` picks per token with ``torch.where``); attention with the explicit padding mask computes the
+  full square; activation checkpointing re-runs the forward of every checkpointed layer that gradients pass
+  through (decoder layers, vision blocks, abstractor layers), up to the layer's last projection: PyTorch's
+  non-reentrant checkpoint stops recomputing once the last saved tensor is back, and the final matmul (the MLP's
+  down projection) saves nothing its own backward lacks.
+
+Padding is not counted: a batch's figures are the sums over its rows' real tokens.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from owl2.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class Flops:
+    """FLOPs of some work: ``model`` (the MFU numerator) and ``hardware`` (executed, recomputation included)."""
+
+    model: float = 0.0
+    hardware: float = 0.0
+
+    def __add__(self, other: Flops) -> Flops:
+        return Flops(self.model + other.model, self.hardware + other.hardware)
+
+    def scaled(self, factor: float) -> Flops:
+        return Flops(self.model * factor, self.hardware * factor)
+
+
+@dataclass(frozen=True)
+class Trainable:
+    """Which parts of the model train, from a stage's ``trainable`` list (see ``StageConfig.trainable``)."""
+
+    vision: bool
+    abstractor: bool
+    decoder: bool
+    """The decoder's shared weights: embeddings, Q/O, the text K/V and norms, the MLPs, the final norm."""
+    visual: bool
+    """The decoder's visual copies (modality-adaptive norms and K/V)."""
+    lm_head: bool
+
+    @classmethod
+    def from_parts(cls, parts: Sequence[str]) -> Trainable:
+        every = "all" in parts
+        return cls(
+            vision=every or "vision" in parts,
+            abstractor=every or "abstractor" in parts,
+            decoder=every or "decoder" in parts,
+            visual=every or "decoder" in parts or "decoder.visual" in parts,
+            lm_head=every or "lm_head" in parts,
+        )
+
+    def decoder_grads(self, images: bool) -> bool:
+        """Whether gradients pass through the decoder: something in it or before it (with images) trains."""
+        return self.decoder or ((self.vision or self.abstractor or self.visual) and images)
+
+
+def _weighted(forward: float, input_grad: bool, weight_grad: bool) -> float:
+    """Forward plus backward of a matmul with a weight."""
+    return forward * (1 + input_grad + weight_grad)
+
+
+def _attention(forward: float, grads: bool) -> float:
+    """Forward plus backward of an activation-activation matmul (both operands get gradients)."""
+    return forward * (1 + 2 * grads)
+
+
+class FlopModel:
+    """The FLOP rule for one stage, built once: ``sample`` and ``batch`` are host arithmetic only.
+
+    Args:
+        spec: the architecture.
+        trainable: the stage's ``trainable`` parts.
+        image_size: the stage's input resolution (sets the vision tokens per image).
+        activation_checkpointing: the stage recomputes its layers' forwards in the backward pass.
+    """
+
+    def __init__(
+        self, spec: ModelConfig, trainable: Sequence[str], image_size: int, activation_checkpointing: bool = False
+    ) -> None:
+        self.spec = spec
+        self.trainable = Trainable.from_parts(trainable)
+        self.image_size = image_size
+        self.checkpointing = activation_checkpointing
+        self.tokens_per_image = spec.tokens_per_image
+        self._image = self._vision() + self._abstractor()
+
+    def sample(self, text_tokens: int, images: int) -> Flops:
+        """One training row: ``text_tokens`` real non-image tokens and ``images`` images (each one becomes
+        ``tokens_per_image`` decoder tokens)."""
+        return self.batch([text_tokens], [images])
+
+    def batch(self, text_tokens: Sequence[int], images: Sequence[int]) -> Flops:
+        """A padded batch, per row: its real non-image tokens and its images (padding is not counted)."""
+        if len(text_tokens) != len(images):
+            raise ValueError(f"text_tokens has {len(text_tokens)} rows but images has {len(images)}")
+        any_images = sum(images) > 0
+        total = self._image.scaled(sum(images))
+        for text, count in zip(text_tokens, images, strict=True):
+            total = total + self._decoder(text, count, any_images)
+        return total
+
+    # ------------------------------------------------------------------------------------------ towers
+
+    def _vision(self) -> Flops:
+        """One image through the ViT: patch embedding, then blocks of full (bidirectional) attention."""
+        config, trains = self.spec.vision, self.trainable.vision
+        grid = self.image_size // config.patch_size
+        tokens, width = grid * grid + 1, config.hidden_size
+        patch = _weighted(2 * grid * grid * 3 * config.patch_size**2 * width, False, trains)
+        linear_forward = 2 * tokens * width * (4 * width + 2 * config.intermediate_size)
+        attention_forward = 4 * tokens * tokens * width
+        block = _weighted(linear_forward, trains, trains) + _attention(attention_forward, trains)
+        last = 2 * tokens * config.intermediate_size * width  # fc2, not recomputed
+        recompute = (linear_forward + attention_forward - last) if self.checkpointing and trains else 0.0
+        total = patch + config.num_layers * block
+        return Flops(total, total + config.num_layers * recompute)
+
+    def _abstractor(self) -> Flops:
+        """One image through the abstractor: queries attend to ``[queries; vision tokens]``, then the projection."""
+        config = self.spec.abstractor
+        trains = self.trainable.abstractor
+        grads = trains or self.trainable.vision
+        grid = self.image_size // self.spec.vision.patch_size
+        queries, width = config.num_queries, config.hidden_size
+        context = queries + grid * grid + 1
+        linear_forward = (
+            2 * width * width * (2 * queries + 2 * context) + 6 * queries * width * config.intermediate_size
+        )
+        attention_forward = 4 * queries * context * width
+        layer = _weighted(linear_forward, grads, trains) + _attention(attention_forward, grads)
+        projection = _weighted(2 * queries * width * self.spec.decoder.hidden_size, grads, trains)
+        last = 2 * queries * config.intermediate_size * width  # w2, not recomputed
+        recompute = (linear_forward + attention_forward - last) if self.checkpointing and grads else 0.0
+        total = config.num_layers * layer + projection
+        return Flops(total, total + config.num_layers * recompute)
+
+    def _decoder(self, text: int, images: int, any_images: bool) -> Flops:
+        """One row through the decoder layers and the LM head; ``any_images``: the batch holds images (then both
+        K/V copies run on every token)."""
+        config, trains = self.spec.decoder, self.trainable
+        image_tokens = images * self.tokens_per_image
+        length = text + image_tokens
+        width, kv_width = config.hidden_size, config.num_kv_heads * config.head_dim
+        grads = trains.decoder_grads(any_images)
+        shared_forward = 2 * length * width * (2 * width + 3 * config.intermediate_size)
+        shared = _weighted(shared_forward, grads, trains.decoder)
+        kv_forward = 4 * width * kv_width  # K and V for one token
+        text_kv = _weighted(kv_forward, grads, trains.decoder)
+        visual_kv = _weighted(kv_forward, grads, trains.visual)
+        causal_forward = 2 * width * length * (length + 1)
+        square_forward = 4 * width * length * length
+        model_layer = shared + text * text_kv + image_tokens * visual_kv + _attention(causal_forward, grads)
+        executed_kv = length * (text_kv + visual_kv) if any_images else length * text_kv
+        hardware_layer = shared + executed_kv + _attention(square_forward, grads)
+        recompute = 0.0
+        if self.checkpointing and grads:
+            down = 2 * length * config.intermediate_size * width  # not recomputed
+            recompute = shared_forward + square_forward + length * kv_forward * (2 if any_images else 1) - down
+        head = _weighted(2 * length * width * config.vocab_size, grads, trains.lm_head)
+        layers = config.num_layers
+        return Flops(layers * model_layer + head, layers * (hardware_layer + recompute) + head)

@@ -1,0 +1,239 @@
+"""``owl2 plan``: the FLOP rule against PyTorch's FLOP counter, the memory estimate against a measured training step,
+the 7B recipe's verdicts, the GPU table and the training pre-check."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.flop_counter import FlopCounterMode
+
+from owl2.cli import main
+from owl2.config import IMAGE_TOKEN_INDEX, ConfigError, ModelConfig, load_experiment
+from owl2.model.owl2 import Owl2Config, Owl2ForCausalLM
+from owl2.plan.flops import FlopModel, Flops, Trainable
+from owl2.plan.gpus import GPUS, UnknownGPU, peak_tflops
+from owl2.plan.memory import Workload, estimate_memory
+from owl2.plan.report import stage_parameters
+from owl2.train.optim import apply_trainable
+from owl2.train.parallel import apply_activation_checkpointing
+from owl2.train.trainer import check_memory_plan
+
+PIPELINE_7B = Path(__file__).resolve().parents[1] / "experiments" / "owl2_7b" / "pipeline.yaml"
+STAGE1 = ["vision", "abstractor", "decoder.visual"]
+
+
+def _batch(spec: ModelConfig, rows: int, text: int, image_size: int) -> dict:
+    ids = torch.randint(3, spec.decoder.vocab_size - 1, (rows, text + 1))
+    ids[:, 1] = IMAGE_TOKEN_INDEX  # one image after the first token of each row; rows of equal length (no padding)
+    images = torch.randn(rows, 3, image_size, image_size)
+    return {"input_ids": ids, "images": images, "labels": ids.clamp(min=0), "image_counts": [1] * rows}
+
+
+# ------------------------------------------------------------------------------------------ FLOPs
+
+
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+@pytest.mark.parametrize("parts", [STAGE1, ["all"]], ids=["stage1", "stage2"])
+def test_flop_rule_matches_the_flop_counter(parts: list[str], checkpointing: bool) -> None:
+    spec = ModelConfig.from_preset("tiny-cpu")
+    torch.manual_seed(0)
+    model = Owl2ForCausalLM(Owl2Config.from_spec(spec))
+    apply_trainable(model, parts)
+    model.train()
+    if checkpointing:
+        apply_activation_checkpointing(model)
+    rows, text = 2, 40
+    # The CPU's fused attention is invisible to FlopCounterMode; the math backend runs it as counted matmuls.
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(**_batch(spec, rows, text, spec.vision.image_size), use_cache=False).loss.backward()
+    counted = counter.get_total_flops()
+
+    flops = FlopModel(spec, parts, spec.vision.image_size, checkpointing).batch([text] * rows, [1] * rows)
+    assert flops.hardware == pytest.approx(counted, rel=0.05)
+    # The model count leaves out the upper triangle of causal attention and the unused K/V copy.
+    assert flops.model < flops.hardware
+
+
+def test_flop_rule_by_hand_for_a_text_row() -> None:
+    spec = ModelConfig.from_preset("debug")
+    d, t = spec.decoder, 10
+    width, kv = d.hidden_size, d.num_kv_heads * d.head_dim
+    matmuls = (
+        d.num_layers * (2 * t * width * (2 * width + 2 * kv + 3 * d.intermediate_size)) + 2 * t * width * d.vocab_size
+    )
+    causal = d.num_layers * 2 * width * t * (t + 1)  # Q K^T and P V over the lower triangle
+    square = d.num_layers * 4 * width * t * t
+    trained = FlopModel(spec, ["all"], spec.vision.image_size).sample(t, 0)
+    assert trained == Flops(3 * (matmuls + causal), 3 * (matmuls + square))
+    head_only = FlopModel(spec, ["lm_head"], spec.vision.image_size).sample(t, 0)
+    head = 2 * t * width * d.vocab_size
+    assert head_only.model == matmuls - head + causal + 2 * head  # nothing before the head trains: 1x, head 2x
+    rows = FlopModel(spec, ["all"], spec.vision.image_size, activation_checkpointing=True)
+    assert rows.batch([t, 2 * t], [0, 0]) == rows.sample(t, 0) + rows.sample(2 * t, 0)
+    assert rows.sample(t, 0).hardware > trained.hardware  # recomputation
+
+
+def test_trainable_parts_map_to_towers() -> None:
+    assert Trainable.from_parts(STAGE1) == Trainable(True, True, False, True, False)
+    assert Trainable.from_parts(["decoder"]).visual and not Trainable.from_parts(["decoder"]).lm_head
+
+
+# ------------------------------------------------------------------------------------------ memory
+
+
+class _LiveStorages(TorchDispatchMode):
+    """Peak bytes of the tensor storages created under it (storages in ``known`` excluded), checked after every op."""
+
+    def __init__(self, known: set[int]) -> None:
+        super().__init__()
+        self.known, self.live, self.peak = known, {}, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor):
+                storage = tensor.untyped_storage()
+                key = storage.data_ptr()
+                if key not in self.known and (key not in self.live or self.live[key][0].expired()):
+                    self.live[key] = (StorageWeakRef(storage), storage.nbytes())
+        self.live = {key: entry for key, entry in self.live.items() if not entry[0].expired()}
+        self.peak = max(self.peak, sum(size for _, size in self.live.values()))
+        return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("checkpointing", [False, True], ids=["plain", "checkpointing"])
+def test_memory_estimate_matches_a_measured_training_step(checkpointing: bool) -> None:
+    # True widths (decoder 4096 wide, 32 heads, MLP 11008; ViT 1024 wide, 16 heads; the paper's abstractor) at two
+    # layers each and a 1,024-token vocabulary (the 32k one would only add RAM). Stage 1's trainable set keeps the
+    # AdamW state small: about 4 GB of RAM in all.
+    spec = ModelConfig.from_preset(
+        "owl2-7b",
+        {
+            "vision": {"num_layers": 2, "image_size": 224},
+            "abstractor": {"num_layers": 2},
+            "decoder": {"num_layers": 2, "vocab_size": 1024},
+        },
+    )
+    with torch.device("meta"):
+        model = Owl2ForCausalLM(Owl2Config.from_spec(spec))
+    model.to_empty(device="cpu")
+    model.reset_fixed_buffers()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.uniform_(-0.02, 0.02)  # values do not matter here, and this is quicker than the real init
+    apply_trainable(model, STAGE1)
+    model.train()
+    if checkpointing:
+        apply_activation_checkpointing(model)
+    trainable = [param for param in model.parameters() if param.requires_grad]
+    for param in trainable:
+        param.grad = torch.zeros_like(param)  # as after an earlier micro-batch of gradient accumulation
+    optimizer = torch.optim.AdamW(trainable, lr=1e-5)
+    rows, length = 1, 160
+    batch = _batch(spec, rows, length - spec.tokens_per_image, 224)
+
+    static = [*model.parameters(), *model.buffers(), *(param.grad for param in trainable)]
+    tracker = _LiveStorages({tensor.untyped_storage().data_ptr() for tensor in static})
+    with tracker:
+        model(**batch, use_cache=False).loss.backward()
+    optimizer.step()
+    measured = {
+        "weights": sum(param.nbytes for param in model.parameters()),
+        "gradients": sum(param.grad.nbytes for param in trainable),
+        "optimizer": sum(value.nbytes for state in optimizer.state.values() for value in state.values() if value.dim()),
+        "activations": tracker.peak,
+    }
+
+    params = stage_parameters(spec, STAGE1, 224)
+    work = Workload("ddp", 1, False, rows, length, 1, 224, checkpointing)
+    estimate = estimate_memory(spec, Trainable.from_parts(STAGE1), params.layout, work)
+    for part in ("weights", "gradients", "optimizer", "activations"):
+        assert getattr(estimate, part) == pytest.approx(measured[part], rel=0.15), part
+    assert estimate.total == pytest.approx(sum(measured.values()), rel=0.15)
+
+
+def test_bf16_policy_stores_frozen_weights_in_bf16_and_fsdp_shards() -> None:
+    spec = ModelConfig.from_preset("owl2-7b")
+    params = stage_parameters(spec, STAGE1, 224)
+    assert params.total == 8_197_859_328 - 768 * 1024  # the 448 px position table resampled to 224 px
+    frozen = params.total - params.trainable
+    ddp = estimate_memory(
+        spec, Trainable.from_parts(STAGE1), params.layout, Workload("ddp", 8, True, 1, 512, 1, 224, True)
+    )
+    assert ddp.weights == 2 * frozen + (4 + 2) * params.trainable  # bf16 frozen; fp32 masters + autocast casts
+    assert (ddp.gradients, ddp.optimizer, ddp.buffers) == (4 * params.trainable, 8 * params.trainable, 0)
+    fsdp = estimate_memory(
+        spec, Trainable.from_parts(STAGE1), params.layout, Workload("fsdp", 8, True, 1, 512, 1, 224, True)
+    )
+    assert fsdp.weights == (2 * frozen + 4 * params.trainable) / 8 and fsdp.optimizer == ddp.optimizer / 8
+    assert fsdp.buffers > 0 and fsdp.activations == ddp.activations
+
+
+# ------------------------------------------------------------------------------------------ CLI and GPUs
+
+
+def _plan_json(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict, str]:
+    status = main(["plan", "--config", str(PIPELINE_7B), "--json", *args])
+    captured = capsys.readouterr()
+    return status, json.loads(captured.out) if captured.out else {}, captured.err
+
+
+@pytest.mark.parametrize("gpu", ["h100-80gb", "a100-40gb"])
+def test_the_7b_recipe_fits(capsys: pytest.CaptureFixture[str], gpu: str) -> None:
+    status, plan, _ = _plan_json(capsys, "--gpu", gpu)
+    assert status == 0
+    stages = plan["stages"]
+    assert set(stages) == {"stage1", "stage2"} and all(stage["fits"] for stage in stages.values())
+    assert stages["stage2"]["params_total"] == 8_197_859_328  # the released model (448 px)
+    assert stages["stage2"]["params_trainable"] == 8_197_859_328
+    assert stages["stage1"]["params_trainable"] == 1_458_657_280  # ViT, abstractor, the decoder's visual copies
+    for stage in stages.values():
+        memory = stage["memory_gb"]
+        parts = sum(memory[name] for name in ("weights", "gradients", "optimizer", "buffers", "activations"))
+        assert memory["total"] == pytest.approx(parts, abs=0.05)
+        assert memory["total"] < stage["gpu_memory_gb"] == GPUS[gpu].memory_gib
+        assert stage["flops_per_sample"] > 0
+
+
+def test_a_stage_that_does_not_fit_exits_1_with_one_line_each(capsys: pytest.CaptureFixture[str]) -> None:
+    status, plan, err = _plan_json(capsys, "--gpu", "l4", "stages.stage1.strategy=ddp")
+    assert status == 1
+    assert plan["stages"]["stage1"]["fits"] is False and plan["stages"]["stage2"]["fits"] is True
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "stage stage1 needs" in lines[0] and "l4" in lines[0]
+
+
+def test_plan_tables_and_bad_input(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--config", str(PIPELINE_7B), "--gpu-memory-gb", "200", "--text-tokens", "100"]) == 0
+    out = capsys.readouterr().out
+    assert "stage stage1" in out and "stage stage2" in out and "1 image + 100 text" in out and "fits" in out
+    assert main(["plan", "--config", str(PIPELINE_7B), "--gpu", "h100"]) == 2
+    err = capsys.readouterr().err
+    assert "unknown GPU 'h100'" in err and "h100-80gb" in err and "a100-40gb" in err
+
+
+def test_gpu_table() -> None:
+    assert {"h100-80gb", "h200", "a100-40gb", "a100-80gb", "l40s", "a10g", "l4"} <= set(GPUS)
+    assert peak_tflops("h100-80gb") == 989.4 and peak_tflops("a100-40gb") == 312.0
+    with pytest.raises(UnknownGPU, match="known GPUs: h100-80gb"):
+        peak_tflops("v100")
+
+
+def test_resources_gpu_is_validated_and_train_refuses_a_stage_that_cannot_fit() -> None:
+    with pytest.raises(ConfigError, match=r"resources.gpu 'tpu' is not a known GPU; choose one of h100-80gb"):
+        load_experiment(PIPELINE_7B, ["resources.gpu=tpu"])
+    with pytest.raises(ConfigError, match="resources.peak_tflops must be positive"):
+        load_experiment(PIPELINE_7B, ["resources.peak_tflops=0"])
+    too_small = ["resources.gpu=l4", "stages.stage1.strategy=ddp"]
+    with pytest.raises(ConfigError, match=r"stages.stage1: .*l4.*resources.ignore_memory_plan=true"):
+        check_memory_plan(load_experiment(PIPELINE_7B, too_small))
+    check_memory_plan(load_experiment(PIPELINE_7B, too_small), stages=["stage2"])  # only stage 2 runs: it fits
+    check_memory_plan(load_experiment(PIPELINE_7B, [*too_small, "resources.ignore_memory_plan=true"]))
