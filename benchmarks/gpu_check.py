@@ -14,11 +14,13 @@ is recorded as that section's ``error`` and the rest still runs.
 * ``vision``: the ViT-L/14 at 448 px and the abstractor, forward + backward in bf16 at the stage-2 micro-batch
   (FLOPs counted by ``torch.utils.flop_counter``).
 * ``stage1_step``: one full training step of the 7B model as ``experiments/owl2_7b/stage1.yaml`` configures it
-  (micro-batch, image size, trainable set, activation checkpointing, bf16), with the real optimizer
+  (micro-batch, image size, trainable set, activation checkpointing, bf16; on one GPU, unsharded, whatever
+  its ``strategy``), with the real optimizer
   (``build_optimizer``) and precision policy (``parallel.prepare_precision``), and its peak memory;
-  ``stage1_step_checkpointed`` the same with activation checkpointing on, in case the YAML's setting fails.
+  ``stage1_step_other_checkpointing`` the same with activation checkpointing the other way round.
 * ``stage2_step``: the same for stage 2 at full depth without optimizer state (its AdamW state only fits
   sharded), and ``stage2_step_full_state``: the deepest stage-2 model whose whole training state fits.
+  Each step reports its peak memory next to ``owl2.plan``'s estimate for that configuration on one GPU.
 * ``sync_debug``: one stage-1 step under ``torch.cuda.set_sync_debug_mode("error")``: whether it raised, where.
 
 Timings use CUDA events after warm-up. ``--cpu-smoke`` runs the same code on the CPU at reduced sizes (the
@@ -250,12 +252,30 @@ def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, 
     model.zero_grad(set_to_none=True)
 
 
-def plan_estimate(stage_name: str, spec: Any, stage: Any, *, optimizer: bool) -> float | None:
-    """The memory plan's peak estimate (GiB) for this configuration on one GPU.
+def plan_estimate(bench: Bench, spec: Any, stage: Any, *, optimizer: bool) -> dict[str, float]:
+    """``owl2.plan``'s memory estimate (GiB) for this step on one GPU without a wrapper: the plan's DDP over one
+    worker (whole weights, autocast's bf16 casts of the trainable ones), less the optimizer state when the step
+    runs without it."""
+    from owl2.plan.flops import Trainable
+    from owl2.plan.memory import GIB, Workload, estimate_memory
+    from owl2.plan.report import stage_parameters
+    from owl2.train.parallel import use_bf16
 
-    PENDING owl2.plan (branch h-plan, issue 13 item 1) was not merged when this script was written: null.
-    """
-    return None
+    layout = stage_parameters(spec, stage.trainable, stage.image_size).layout
+    work = Workload(
+        strategy="ddp",
+        world_size=1,
+        bf16=use_bf16(stage, bench.device),
+        micro_batch=stage.micro_batch_size,
+        length=stage.data.max_length,
+        images_per_row=1,
+        image_size=stage.image_size,
+        checkpointing=stage.activation_checkpointing,
+    )
+    estimate = estimate_memory(spec, Trainable.from_parts(stage.trainable), layout, work)
+    parts = {name: getattr(estimate, name) / GIB for name in ("weights", "gradients", "buffers", "activations")}
+    parts["optimizer"] = estimate.optimizer / GIB if optimizer else 0.0
+    return parts | {"total": sum(parts.values())}
 
 
 def stage_step(
@@ -284,7 +304,7 @@ def stage_step(
         "optimizer": optimizer,
         "step_seconds": seconds,
         "peak_memory_gb": bench.peak_gb(),
-        "plan_estimate_gb": plan_estimate(name, spec, stage, optimizer=optimizer),
+        "plan_estimate_gb": plan_estimate(bench, spec, stage, optimizer=optimizer),
     }
 
 
@@ -351,7 +371,9 @@ def run(bench: Bench) -> dict[str, Any]:
         "decoder_layer": lambda: decoder_layer(bench),
         "vision": lambda: vision(bench),
         "stage1_step": lambda: stage_step(bench, "stage1"),
-        "stage1_step_checkpointed": lambda: stage_step(bench, "stage1", checkpointing=True),
+        "stage1_step_other_checkpointing": lambda: stage_step(
+            bench, "stage1", checkpointing=not bench.stage("stage1").activation_checkpointing
+        ),
         "stage2_step": lambda: stage_step(bench, "stage2", optimizer=False),
         "stage2_step_full_state": lambda: stage_step(bench, "stage2", layers=deepest_full_state(bench)),
         "sync_debug": lambda: sync_debug(bench),

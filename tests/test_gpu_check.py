@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
 STEP_KEYS = {
     "decoder_layers",
@@ -22,6 +24,7 @@ STEP_KEYS = {
     "plan_estimate_gb",
     "check_seconds",
 }
+PLAN_KEYS = {"weights", "gradients", "optimizer", "buffers", "activations", "total"}
 RATE_KEYS = {"seconds", "flops", "tflops", "mfu"}
 
 
@@ -54,16 +57,21 @@ def test_cpu_smoke_writes_every_check(tmp_path):
     ]:
         assert RATE_KEYS <= set(rate) and rate["flops"] > 0 and rate["mfu"] > 0
 
-    for name in ("stage1_step", "stage1_step_checkpointed", "stage2_step", "stage2_step_full_state"):
+    for name in ("stage1_step", "stage1_step_other_checkpointing", "stage2_step", "stage2_step_full_state"):
         assert set(result[name]) == STEP_KEYS, name
         assert result[name]["step_seconds"] > 0 and result[name]["peak_memory_gb"] is None  # no CUDA
     assert result["stage1_step"]["trainable"] == ["vision", "abstractor", "decoder.visual"]
     assert result["stage1_step"]["optimizer"] and not result["stage2_step"]["optimizer"]
     assert result["stage2_step"]["activation_checkpointing"]  # as stage2.yaml asks
-    assert (
-        not result["stage1_step"]["activation_checkpointing"]
-        and result["stage1_step_checkpointed"]["activation_checkpointing"]
-    )
+    other = result["stage1_step_other_checkpointing"]
+    assert other["activation_checkpointing"] != result["stage1_step"]["activation_checkpointing"]
+    for name in ("stage1_step", "stage2_step_full_state"):  # owl2.plan's estimate, AdamW state included
+        plan = result[name]["plan_estimate_gb"]
+        assert set(plan) == PLAN_KEYS and plan["optimizer"] > 0 and plan["activations"] > 0
+        assert plan["total"] == pytest.approx(sum(value for key, value in plan.items() if key != "total"))
+    assert result["stage2_step"]["plan_estimate_gb"]["optimizer"] == 0.0
+    # Checkpointing keeps fewer activations, by the plan too.
+    assert other["plan_estimate_gb"]["activations"] != result["stage1_step"]["plan_estimate_gb"]["activations"]
     assert result["sync_debug"]["raised"] is False
 
 
