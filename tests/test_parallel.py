@@ -613,3 +613,18 @@ def test_ddp_options_share_gradient_buckets_and_search_unused_parameters_only_fo
         "gradient_as_bucket_view": True,
     }
     assert parallel.ddp_options(_stage("bf16", "stage2"))["find_unused_parameters"]
+
+
+def test_ddp_stage1_with_frozen_bf16_weights(single_process_group):
+    """DDP over a model that mixes bf16 frozen and fp32 trainable parameters: the step matches the bare model's."""
+    batch = _batch(15)
+    reference = _prepared(STAGE1, "bf16")
+    _, reference_grads = _autocast_step(reference, batch)
+    wrapped = torch.nn.parallel.DistributedDataParallel(
+        _prepared(STAGE1, "bf16"), **parallel.ddp_options(_stage("bf16"))
+    )
+    _, grads = _autocast_step(wrapped, batch)
+    assert set(grads) == {f"module.{name}" for name in reference_grads}
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(grads[f"module.{name}"], grad, msg=name)
+    assert {p.dtype for p in wrapped.parameters() if not p.requires_grad} >= {torch.bfloat16}
