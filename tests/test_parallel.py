@@ -9,6 +9,8 @@ keeps refusing ``strategy: fsdp`` without GPUs, since FSDP2 on CPU is for tests 
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import socket
 from pathlib import Path
@@ -20,7 +22,16 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
-from owl2.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ModelConfig, OptimConfig
+from owl2.config import (
+    IGNORE_INDEX,
+    IMAGE_TOKEN_INDEX,
+    ModelConfig,
+    OptimConfig,
+    StageConfig,
+    build,
+    load_experiment,
+    load_yaml,
+)
 from owl2.model import Owl2Config, Owl2ForCausalLM
 from owl2.train import checkpoint as ckpt
 from owl2.train import parallel
@@ -28,6 +39,7 @@ from owl2.train.optim import apply_trainable, build_optimizer, verify_optimizer_
 from owl2.train.parallel import unwrap
 
 WORLD = 2
+RECIPE = Path(__file__).resolve().parents[1] / "experiments" / "owl2_7b"
 STAGE1 = ["vision", "abstractor", "decoder.visual"]
 OPTIM = OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.05, grad_clip=0.5)
 # Each scenario: trainable parts, micro-batches per rank, rank whose micro-batches are text only (-1: none),
@@ -114,6 +126,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         _scenarios(rank, Path(out))
         _round_trip(rank, Path(out))
         _mixed_precision(rank, Path(out))
+        _stage1_frozen_bf16(rank, Path(out))
     finally:
         dist.destroy_process_group()
 
@@ -217,6 +230,35 @@ def _mixed_precision(rank: int, out: Path) -> None:
         torch.save(result, out / "bf16.pt")
 
 
+def _stage1_frozen_bf16(rank: int, out: Path) -> None:
+    """Stage 1 as the 7B recipe can run it under FSDP2: frozen weights stored in bf16 next to float32 trainable
+    ones in the same units (a decoder layer's visual K/V and norms), bf16 compute, rank 1 with text only."""
+    model = _prepared(STAGE1, "bf16")
+    before = {name: value.clone() for name, value in model.state_dict().items()}
+    wrapped = parallel.shard(model, bf16=True)
+    dtypes = {name: p.dtype for name, p in wrapped.named_parameters()}
+    optimizer, _ = build_optimizer(wrapped, OPTIM)
+    verify_optimizer_setup(wrapped, optimizer, STAGE1)
+    loss, _ = _autocast_step(wrapped, _batch(50 + rank, images=rank == 0))
+    grads = _gathered_grads(wrapped)
+    parallel.clip_grad_norm(wrapped, OPTIM.grad_clip)
+    optimizer.step()
+    after = parallel.model_state_for_checkpoint(wrapped)
+    after_optimizer = parallel.optimizer_state_for_checkpoint(wrapped, optimizer)
+
+    # Into another initialisation's shards, as a resume loads them: the same full states come back.
+    other = parallel.shard(_prepared(STAGE1, "bf16", _model(seed=1)), bf16=True)
+    other_optimizer, _ = build_optimizer(other, OPTIM)
+    parallel.load_model_state(other, after if rank == 0 else None)
+    parallel.load_optimizer_state(other, other_optimizer, after_optimizer if rank == 0 else None)
+    reloaded = parallel.model_state_for_checkpoint(other)
+    reloaded_optimizer = parallel.optimizer_state_for_checkpoint(other, other_optimizer)
+    if rank == 0:
+        result = {"loss": loss, "dtypes": dtypes, "grads": grads, "before": before, "after": after}
+        result |= {"optimizer": after_optimizer, "reloaded": reloaded, "reloaded_optimizer": reloaded_optimizer}
+        torch.save(result, out / "stage1_bf16.pt")
+
+
 @pytest.fixture(scope="module")
 def fsdp_results(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # Children inherit the environment (offline hub) and find this module through the inherited sys.path.
@@ -314,6 +356,32 @@ def test_bf16_computes_in_bf16_and_keeps_fp32_shards(fsdp_results):
     assert result["loss"] == pytest.approx(reference, abs=0.05)
 
 
+def test_fsdp_stage1_keeps_frozen_bf16_weights_and_round_trips(fsdp_results):
+    result = _load(fsdp_results, "stage1_bf16")
+    model = _prepared(STAGE1, "bf16")
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert result["dtypes"] == {name: p.dtype for name, p in model.named_parameters()}  # shards keep the policy
+    assert torch.bfloat16 in result["dtypes"].values()
+    assert set(result["grads"]) == trainable  # vision included: rank 1 (text only) visited every unit
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in result["grads"].values())
+    assert math.isfinite(result["loss"])
+    for name, value in result["after"].items():
+        assert value.dtype == result["before"][name].dtype, name
+        assert torch.equal(value, result["before"][name]) != (name in trainable), name
+    exact = {"atol": 0.0, "rtol": 0.0}
+    _assert_same_states(result["reloaded"], result["after"], **exact)
+    _assert_same_optimizer(result["reloaded_optimizer"], result["optimizer"], **exact)
+
+    # The same step on one process under autocast: 0.8% apart (FSDP2 also computes the norms and the trainable
+    # weights' elementwise ops in bf16, and reduces in another order).
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = [model(**_batch(50 + rank, images=rank == 0), use_cache=False).loss for rank in range(WORLD)]
+    (sum(losses) / WORLD).backward()  # the text-only loss alone reaches no trainable weight here
+    ours = torch.cat([result["grads"][name].flatten() for name in sorted(trainable)])
+    reference = torch.cat([model.get_parameter(name).grad.flatten() for name in sorted(trainable)])
+    assert float((ours - reference).norm() / reference.norm()) < 0.03
+
+
 # ------------------------------------------------------------------------------------------ without sharding
 
 
@@ -395,18 +463,169 @@ def single_process_group():
 
 
 def test_ddp_with_checkpointing_and_text_only_micro_batches(single_process_group):
-    """What ``wrap`` builds for DDP (without Ray's helper): checkpointing composes with unused-parameter search."""
+    """What ``wrap`` builds for DDP (without Ray's helper): checkpointing composes with unused-parameter search
+    and gradients that are views into DDP's buckets, over micro-batches that skip the all-reduce."""
     batches = [_batch(40, images=False), _batch(41)]
     reference = _prepare(_model(), ["all"], ac=False)
     ref_optimizer, _ = build_optimizer(reference, OPTIM)
     _train_step(reference, ref_optimizer, batches)
     model = _prepare(_model(), ["all"], ac=True)
-    wrapped = torch.nn.parallel.DistributedDataParallel(model, find_unused_parameters=True)
+    # The 7B stage 2's options: conversations (text-only rows) search unused parameters; gradient bucket views.
+    wrapped = torch.nn.parallel.DistributedDataParallel(model, **parallel.ddp_options(_stage("bf16", "stage2")))
     optimizer, _ = build_optimizer(wrapped, OPTIM)
     verify_optimizer_setup(wrapped, optimizer, ["all"])
     _train_step(wrapped, optimizer, batches)
+    grads = [p.grad for p in wrapped.parameters() if p.grad is not None]
+    assert len({grad.untyped_storage().data_ptr() for grad in grads}) < len(grads)  # views into shared buckets
     assert (
         parallel.optimizer_state_for_checkpoint(wrapped, optimizer)["param_groups"]
         == ref_optimizer.state_dict()["param_groups"]
     )
     _assert_same_states(parallel.model_state_for_checkpoint(wrapped), reference.state_dict(), atol=1e-6, rtol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------ precision policy
+
+
+def _stage(precision: str, name: str = "stage1") -> StageConfig:
+    """The shipped 7B recipe's stage with ``precision`` (bf16 in the YAML)."""
+    stage = build(StageConfig, load_yaml(RECIPE / f"{name}.yaml"), f"stages.{name}")
+    return dataclasses.replace(stage, precision=precision)
+
+
+def _prepared(parts: list[str], precision: str, model: Owl2ForCausalLM | None = None) -> Owl2ForCausalLM:
+    model = _prepare(model if model is not None else _model(), parts, ac=False)
+    parallel.prepare_precision(model, _stage(precision), torch.device("cpu"))
+    return model
+
+
+def _autocast_step(model: Owl2ForCausalLM, batch: dict[str, Any]) -> tuple[float, dict[str, torch.Tensor]]:
+    """A forward and backward under CPU bf16 autocast, as the loop runs a bf16 stage: the loss and the grads."""
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(**batch, use_cache=False).loss
+    loss.backward()
+    return float(loss.detach()), {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+
+
+def test_bf16_stage1_stores_frozen_weights_in_bf16_and_trains_fp32_masters():
+    model = _prepared(STAGE1, "bf16")
+    norms = {
+        f"{name}.{p}"
+        for name, m in model.named_modules()
+        if isinstance(m, parallel.NORMS)
+        for p, _ in m.named_parameters()
+    }
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    for name, param in model.named_parameters():
+        expected = torch.float32 if name in trainable or name in norms else torch.bfloat16
+        assert param.dtype == expected, name
+    assert model.decoder.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16  # the bulk of the frozen decoder
+    assert model.decoder.rotary_emb.inv_freq.dtype == torch.float32
+    assert {b.dtype for b in model.abstractor.buffers()} == {torch.float32}
+
+    frozen_before = {name: p.detach().clone() for name, p in model.named_parameters() if not p.requires_grad}
+    optimizer, _ = build_optimizer(model, OPTIM)
+    loss, grads = _autocast_step(model, _batch(11))
+    assert math.isfinite(loss) and set(grads) == trainable
+    assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values())
+    trained_before = {name: p.detach().clone() for name, p in model.named_parameters() if p.requires_grad}
+    optimizer.step()
+    for name, param in model.named_parameters():
+        before = frozen_before.get(name, trained_before.get(name))
+        assert torch.equal(param, before) != (name in trainable), name
+
+    # The same step with the float32 frozen model under autocast: the residual stream is bf16 now (the
+    # embeddings are), which moves the loss by ~1e-4 and the gradients by ~0.6% on this model.
+    reference = _prepare(_model(), STAGE1, ac=False)
+    reference_loss, reference_grads = _autocast_step(reference, _batch(11))
+    assert loss == pytest.approx(reference_loss, abs=2e-3)
+    ours, theirs = (torch.cat([g[name].flatten() for name in sorted(trainable)]) for g in (grads, reference_grads))
+    assert float((ours - theirs).norm() / theirs.norm()) < 0.02
+
+
+def _weight_copies_kept_for_backward(model: Owl2ForCausalLM, batch: dict[str, Any]) -> int:
+    """Saved-for-backward tensors without gradient shaped like a frozen weight but not that weight: autocast's
+    copies (those of trainable weights are cached per step and require gradients)."""
+    frozen = {p.data_ptr(): p.shape for p in model.parameters() if not p.requires_grad and p.dim() == 2}
+    shapes = set(frozen.values())
+    copies = 0
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        nonlocal copies
+        copies += tensor.shape in shapes and tensor.data_ptr() not in frozen and not tensor.requires_grad
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        _autocast_step(model, batch)
+    return copies
+
+
+def test_bf16_frozen_weights_are_not_cast_per_forward():
+    batch = _batch(12)
+    assert _weight_copies_kept_for_backward(_prepare(_model(), STAGE1, ac=False), batch) > 0  # fp32: one copy each
+    assert _weight_copies_kept_for_backward(_prepared(STAGE1, "bf16"), batch) == 0
+
+
+def test_fp32_precision_changes_nothing():
+    plain, prepared = _prepare(_model(), STAGE1, ac=False), _prepared(STAGE1, "fp32")
+    assert {p.dtype for p in prepared.parameters()} == {torch.float32}
+    _assert_same_states(prepared.state_dict(), plain.state_dict(), atol=0.0, rtol=0.0)
+
+
+def test_bf16_stage1_model_generates_under_autocast():
+    model = _prepared(STAGE1, "bf16").eval()
+    batch = _batch(13)
+    with torch.autocast("cpu", dtype=torch.bfloat16), torch.no_grad():
+        out = model.generate(
+            input_ids=batch["input_ids"],
+            attention_mask=batch["attention_mask"],
+            images=batch["images"],
+            image_counts=None,
+            max_new_tokens=3,
+            do_sample=False,
+        )
+    assert out.shape[0] == 2 and out.shape[1] > batch["input_ids"].shape[1]
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_stage2_upcasts_what_it_trains_from_a_bf16_stage1_checkpoint(tmp_path, precision):
+    stage1 = _prepared(STAGE1, "bf16")
+    optimizer, _ = build_optimizer(stage1, OPTIM)
+    scheduler = warmup_cosine(optimizer, 1, 10, 0.0)
+    ckpt.save(tmp_path / "stage1", stage1, optimizer, scheduler, ckpt.TrainState(stage="stage1"), "name: x\n")
+    saved = load_file(tmp_path / "stage1" / "model.safetensors")
+    assert saved["decoder.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+
+    stage2 = _prepared(["all"], precision, Owl2ForCausalLM.from_pretrained(tmp_path / "stage1"))
+    assert {p.dtype for p in stage2.parameters()} == {torch.float32}
+    _assert_same_states({k: v.float() for k, v in saved.items()}, stage2.state_dict(), atol=0.0, rtol=0.0)
+    loss, grads = _autocast_step(stage2, _batch(14))
+    assert math.isfinite(loss) and set(grads) == {name for name, _ in stage2.named_parameters()}
+
+
+def test_the_7b_recipe_may_run_stage1_under_fsdp():
+    experiment = load_experiment(RECIPE / "pipeline.yaml", ["stages.stage1.strategy=fsdp"])
+    assert experiment.stages["stage1"].strategy == "fsdp"
+
+
+def test_ddp_options_share_gradient_buckets_and_search_unused_parameters_only_for_conversations():
+    assert parallel.ddp_options(_stage("bf16", "stage1")) == {
+        "find_unused_parameters": False,
+        "gradient_as_bucket_view": True,
+    }
+    assert parallel.ddp_options(_stage("bf16", "stage2"))["find_unused_parameters"]
+
+
+def test_ddp_stage1_with_frozen_bf16_weights(single_process_group):
+    """DDP over a model that mixes bf16 frozen and fp32 trainable parameters: the step matches the bare model's."""
+    batch = _batch(15)
+    reference = _prepared(STAGE1, "bf16")
+    _, reference_grads = _autocast_step(reference, batch)
+    wrapped = torch.nn.parallel.DistributedDataParallel(
+        _prepared(STAGE1, "bf16"), **parallel.ddp_options(_stage("bf16"))
+    )
+    _, grads = _autocast_step(wrapped, batch)
+    assert set(grads) == {f"module.{name}" for name in reference_grads}
+    for name, grad in reference_grads.items():
+        torch.testing.assert_close(grads[f"module.{name}"], grad, msg=name)
+    assert {p.dtype for p in wrapped.parameters() if not p.requires_grad} >= {torch.bfloat16}

@@ -1,5 +1,6 @@
 """Data parallelism for the train loop: DDP or FSDP2, activation checkpointing, and strategy-free helpers.
 
+``prepare_precision`` stores each parameter in the dtype the stage needs (frozen ones in bf16 under bf16), then
 ``wrap`` turns the bare ``Owl2ForCausalLM`` into what the loop trains; everything the loop does that depends on
 the strategy goes through a helper here (gradient sync during accumulation, clipping, checkpoint state in and
 out), so ``loop.py`` never asks which strategy runs. The model itself holds no distribution code.
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 from owl2.config import StageConfig
 
@@ -33,6 +35,39 @@ def use_bf16(stage: StageConfig, device: torch.device) -> bool:
 def text_only_rows_possible(stage: StageConfig) -> bool:
     """Only conversation data can hold rows without an image (text-only instructions)."""
     return any(source.format == "llava" for source in stage.data.sources)
+
+
+# ------------------------------------------------------------------------------------------ precision
+
+NORMS = (nn.LayerNorm, nn.RMSNorm, LlamaRMSNorm)
+"""Normalisation layers, whose weights :func:`prepare_precision` keeps in float32."""
+
+
+def prepare_precision(model: nn.Module, stage: StageConfig, device: torch.device) -> None:
+    """Store every parameter in the dtype the stage needs; call it after ``apply_trainable``, before ``wrap``.
+
+    Trainable parameters are float32 masters (autocast, or FSDP2's policy, computes them in bfloat16). Frozen
+    ones are stored in bfloat16 when the stage computes in bf16, float32 otherwise: autocast caches its casts
+    only for weights that require gradients, so a float32 frozen weight would be cast again in every forward
+    and that copy kept for the backward (13 GB for the frozen 6.7B decoder of stage 1, on top of its 27 GB of
+    float32 storage). A bfloat16 weight goes through autocast as it is; with frozen embeddings the decoder's
+    residual stream is then bfloat16, as under FSDP2's bf16 policy. With fp32 precision a float32 model
+    is left unchanged, and a checkpoint written with bfloat16 frozen weights comes back as float32 for
+    whatever the next stage trains. Frozen norms stay float32 too (0.01% of the weights): a frozen bfloat16
+    LayerNorm fed by a trainable float32 tower (the abstractor after a trained vision encoder) fails under
+    CPU autocast, which leaves ``layer_norm`` alone. Buffers keep their dtype: the only ones are the RoPE
+    frequencies and the abstractor's sin-cos tables, fixed tables that must stay float32
+    (``reset_fixed_buffers``).
+    """
+    frozen = torch.bfloat16 if use_bf16(stage, device) else torch.float32
+    with torch.no_grad():
+        for module in model.modules():
+            norm = isinstance(module, NORMS)
+            for param in module.parameters(recurse=False):
+                target = torch.float32 if param.requires_grad or norm else frozen
+                if param.is_floating_point() and param.dtype != target:
+                    # In place of the storage, not of the Parameter: tied weights and hooks keep their object.
+                    param.data = param.data.to(target)
 
 
 # ------------------------------------------------------------------------------------------ wrapping
@@ -87,9 +122,10 @@ def wrap(
 ) -> nn.Module:
     """The stage's data-parallel model: ``model`` under DDP (through Ray Train) or sharded with FSDP2.
 
-    Call it after ``apply_trainable`` and before building the optimizer. ``mesh`` (FSDP2 only) defaults to
-    one dimension over the whole process group. ``defer_fsdp_sync`` makes :func:`gradient_sync` skip FSDP2's
-    reduce-scatter on all but the last micro-batch (see there); it is recorded on the returned model.
+    Call it after ``apply_trainable`` and :func:`prepare_precision`, before building the optimizer. ``mesh``
+    (FSDP2 only) defaults to one dimension over the whole process group. ``defer_fsdp_sync`` makes
+    :func:`gradient_sync` skip FSDP2's reduce-scatter on all but the last micro-batch (see there); it is
+    recorded on the returned model.
     """
     if stage.activation_checkpointing:
         apply_activation_checkpointing(model)
@@ -100,21 +136,31 @@ def wrap(
     import ray.train.torch
 
     model.to(device)
-    # Ray: DDP across workers. Micro-batches of text-only rows leave the vision side without gradients; DDP must
-    # then look for unused parameters (a graph walk per step), so only where such rows can occur.
-    return ray.train.torch.prepare_model(
-        model,
-        parallel_strategy="ddp",
-        parallel_strategy_kwargs={"find_unused_parameters": text_only_rows_possible(stage)},
-    )
+    return ray.train.torch.prepare_model(model, parallel_strategy="ddp", parallel_strategy_kwargs=ddp_options(stage))
+
+
+def ddp_options(stage: StageConfig) -> dict[str, bool]:
+    """Keyword arguments of ``DistributedDataParallel`` for the stage (through Ray's ``prepare_model``).
+
+    Micro-batches of text-only rows leave the vision side without gradients; DDP must then look for unused
+    parameters (a graph walk per step), so only where such rows can occur. ``gradient_as_bucket_view`` makes
+    the gradients views into DDP's all-reduce buckets instead of a second copy (4 bytes per trainable
+    parameter: 5.8 GB for stage 1's 1.46B).
+    """
+    return {"find_unused_parameters": text_only_rows_possible(stage), "gradient_as_bucket_view": True}
 
 
 def shard(model: nn.Module, mesh: Any = None, *, bf16: bool = False, device: torch.device | None = None) -> nn.Module:
     """Apply FSDP2 to ``model`` in place (per :func:`shard_plan`) and return it.
 
-    With ``bf16`` the units gather their parameters in bfloat16 for compute while the shards, the gradients'
-    reduction and the optimizer stay float32. The parameters move to the mesh's device unit by unit, so a
-    model loaded on the CPU never has to fit on one GPU whole.
+    With ``bf16`` the units gather their parameters in bfloat16 for compute while the trainable shards, the
+    gradients' reduction and the optimizer stay float32. The parameters move to the mesh's device unit by unit,
+    so a model loaded on the CPU never has to fit on one GPU whole.
+
+    A unit may mix frozen and trainable parameters (stage 1's decoder layers: frozen shared weights, trainable
+    visual K/V and norms): FSDP2 reduce-scatters gradients of the trainable ones only and needs only those to
+    share one dtype, which :func:`prepare_precision` makes float32. Frozen shards stay in the dtype it gave
+    them: bfloat16 ones are gathered as they are (the policy's dtype), the float32 norms cast for the gather.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
