@@ -59,7 +59,10 @@ def _weights(result):
 
 def test_two_stage_pipeline_tracks_both_stages_and_raises_resolution(ray_cluster, world):
     # Stage 2 also answers the first items of the world's held-out suite at its checkpoint (rank 0).
-    results = run_experiment(_experiment(world, "pipeline", "stages.stage2.eval.limit=4"))
+    # A peak of 0.001 TFLOP/s stands in for a GPU's: the metrics then carry mfu next to model_flops_per_s.
+    results = run_experiment(
+        _experiment(world, "pipeline", "stages.stage2.eval.limit=4", "resources.peak_tflops=0.001")
+    )
     assert [r.stage for r in results] == ["stage1", "stage2"]
     assert [_state(r)["step"] for r in results] == [4, 2]
 
@@ -88,6 +91,9 @@ def test_two_stage_pipeline_tracks_both_stages_and_raises_resolution(ray_cluster
             range(1, {"stage1": 5, "stage2": 3}[name])
         )
         assert any(key.startswith("lr/vision.layer_") for key in run.data.metrics)
+        flops = run.data.metrics["model_flops_per_s"]
+        assert 0 < flops <= run.data.metrics["hardware_flops_per_s"]
+        assert run.data.metrics["mfu"] == pytest.approx(flops / 1e9)  # one worker at 1e9 FLOP/s
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"param_groups.json", "param_groups.txt"} <= artifacts
 

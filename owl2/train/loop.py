@@ -23,9 +23,11 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from owl2.config import ModelConfig, ModelInitConfig
+from owl2.config import ModelConfig, ModelInitConfig, ResourcesConfig
 from owl2.data.pipeline import Batch, Collator, encoded, iterate
 from owl2.data.sample import SkipStats
+from owl2.plan.flops import FlopModel
+from owl2.plan.gpus import peak_tflops
 from owl2.train import checkpoint as ckpt
 from owl2.train import parallel
 from owl2.train.evaluate import CheckpointEval, log_outcome
@@ -77,6 +79,13 @@ def starting_model(job: StageJob, resume: Any) -> Any:
 
     with start_from.as_directory() as folder:
         return Owl2ForCausalLM.from_pretrained(folder)
+
+
+def device_peak_tflops(resources: ResourcesConfig) -> float | None:
+    """One worker's dense bf16 peak: ``resources.peak_tflops``, else the table's for ``resources.gpu``."""
+    if resources.peak_tflops:
+        return resources.peak_tflops
+    return peak_tflops(resources.gpu) if resources.gpu and resources.use_gpu else None
 
 
 def _all_gather(value: Any) -> list[Any]:
@@ -168,6 +177,9 @@ class StageRun:
         self._build_model(starting_model(job, resume))
         self._build_optimizer(resume)
         self.spec: ModelConfig = unwrap(self.wrapped).config.spec
+        stage = self.stage
+        self.flop_model = FlopModel(self.spec, stage.trainable, stage.image_size, stage.activation_checkpointing)
+        self.peak_tflops = device_peak_tflops(job.experiment.resources)
         position = self.state.position(self.rank, self.world_size)
         self.data = ShardStream(job, self.spec, position, self.rank, self.world_size, lambda: self.state.step)
         self.window = LogWindow()
@@ -185,6 +197,8 @@ class StageRun:
         # From stage 1's 224 px to stage 2's 448 px: the learned position table is resampled.
         model.set_image_size(self.stage.image_size)
         apply_trainable(model, self.stage.trainable)
+        # bf16 stages keep frozen weights in bf16 (no fp32 copy, no per-forward cast), fp32 masters for the rest.
+        parallel.prepare_precision(model, self.stage, self.device)
         model.train()
         # DDP or FSDP2 (with activation checkpointing if asked). FSDP2 replaces the parameters by shards, so the
         # optimizer is built from the wrapped model, and a resumed optimizer state is loaded into it afterwards.
@@ -239,7 +253,7 @@ class StageRun:
                     loss = self.wrapped(**batch.to(self.device, self.dtype), use_cache=False).loss
                 (loss / accumulation).backward()
             step_loss = step_loss + loss.detach().float()
-            self.window.add(batch, loss, self.spec.tokens_per_image)
+            self.window.add(batch, loss, self.flop_model)
         # Every rank must take the same decision, or DDP's collectives would hang.
         finite = all(_all_gather(bool(torch.isfinite(step_loss))))
         self.grad_norm = float("nan")
@@ -282,7 +296,14 @@ class StageRun:
 
     def _window_metrics(self) -> dict[str, float]:
         metrics = window_metrics(
-            self.window, self.state, self.data.stats, self.learning_rates, self.groups, self.grad_norm, _all_gather
+            self.window,
+            self.state,
+            self.data.stats,
+            self.learning_rates,
+            self.groups,
+            self.grad_norm,
+            _all_gather,
+            self.peak_tflops,
         )
         peak = parallel.peak_memory_gb(self.device)
         if peak is not None:
@@ -340,8 +361,12 @@ class StageRun:
         stage, step, total = self.job.stage_name, int(metrics["step"]), self.stage.max_steps
         rate = metrics["samples_per_s"]
         remaining = (total - step) * self.stage.global_batch_size / rate if rate > 0 else math.nan
+        compute = (
+            f"MFU {metrics['mfu']:.1%}" if "mfu" in metrics else f"{metrics['model_flops_per_s'] / 1e12:.3g} TFLOP/s"
+        )
         emit(
             self.job.progress,
             f"[{stage}] step {step}/{total}  loss {metrics['loss']:.4f}  {rate:.1f} samples/s  "
-            f"{metrics['tokens_per_s']:.0f} tok/s  {metrics['images_per_s']:.1f} img/s  ETA {remaining:.0f}s",
+            f"{metrics['tokens_per_s']:.0f} tok/s  {metrics['images_per_s']:.1f} img/s  {compute}  "
+            f"ETA {remaining:.0f}s",
         )

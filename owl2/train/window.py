@@ -1,9 +1,13 @@
-"""What a logging window reports: loss, throughput, skipped records and learning rates, over all workers.
+"""What a logging window reports: loss, throughput, FLOPs and MFU, skipped records and learning rates.
 
 The loop adds every micro-batch to a :class:`LogWindow`; at a logging step :func:`window_metrics` sums the
 windows of all ranks (one gather) and turns them into the metrics that go to Ray Train, MLflow and the
 terminal. The loss is kept on the device, weighted by the micro-batch's supervised tokens, so it is read
-once per window rather than once per micro-batch; everything else is known on the host.
+once per window rather than once per micro-batch; everything else is known on the host, FLOPs included:
+:class:`~owl2.plan.flops.FlopModel` counts each batch from its rows' real text tokens and images.
+
+``mfu`` is model FLOPs per second over all workers divided by their peak (``resources.peak_tflops``, or the
+GPU table's for ``resources.gpu``), reported only when that peak is known.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from owl2.config import IGNORE_INDEX
 from owl2.data.pipeline import Batch
 from owl2.data.sample import SkipStats
+from owl2.plan.flops import FlopModel
 from owl2.train.checkpoint import TrainState
 
 
@@ -43,21 +48,29 @@ class LogWindow:
     samples: int = 0
     tokens: int = 0
     images: int = 0
+    model_flops: float = 0.0
+    hardware_flops: float = 0.0
     start: float = field(default_factory=time.perf_counter)
 
-    def add(self, batch: Batch, loss: torch.Tensor, tokens_per_image: int) -> None:
+    def add(self, batch: Batch, loss: torch.Tensor, flop_model: FlopModel) -> None:
         supervised = supervised_tokens(batch)
         weighted = loss.detach().double() * supervised
         self.loss_sum = weighted if self.loss_sum is None else self.loss_sum + weighted
         self.supervised += supervised
         self.micro += 1
         self.samples += len(batch.ids)
-        self.tokens += decoder_tokens(batch, tokens_per_image)
+        self.tokens += decoder_tokens(batch, flop_model.tokens_per_image)
         self.images += len(batch.images)
+        # Each image is one placeholder among the row's real tokens.
+        text = (batch.attention_mask.sum(dim=1) - torch.tensor(batch.image_counts, dtype=torch.long)).tolist()
+        flops = flop_model.batch(text, batch.image_counts)
+        self.model_flops += flops.model
+        self.hardware_flops += flops.hardware
 
-    def totals(self) -> tuple[float, int, int, int, int, int]:
+    def totals(self) -> tuple[float, ...]:
         loss = float(self.loss_sum) if self.loss_sum is not None else 0.0  # the window's one device read
-        return loss, self.supervised, self.micro, self.samples, self.tokens, self.images
+        counts = (self.supervised, self.micro, self.samples, self.tokens, self.images)
+        return (loss, *counts, self.model_flops, self.hardware_flops)
 
 
 def window_metrics(
@@ -68,11 +81,16 @@ def window_metrics(
     groups: Sequence[dict[str, Any]],
     grad_norm: float,
     all_gather: Callable[[Any], list[Any]],
+    peak_tflops: float | None = None,
 ) -> dict[str, float]:
-    """The metrics of a logging step over every rank; also advances ``state``'s counters."""
+    """The metrics of a logging step over every rank; also advances ``state``'s counters.
+
+    ``peak_tflops`` is one worker's dense bf16 peak; with it the metrics carry ``mfu``.
+    """
     elapsed = max(time.perf_counter() - window.start, 1e-9)
-    loss, supervised, micro, samples, tokens, images = (
-        sum(values) for values in zip(*all_gather(window.totals()), strict=True)
+    gathered = all_gather(window.totals())
+    loss, supervised, micro, samples, tokens, images, model_flops, hardware_flops = (
+        sum(values) for values in zip(*gathered, strict=True)
     )
     merged = SkipStats()
     for part in all_gather(stats):
@@ -89,11 +107,15 @@ def window_metrics(
         "samples_per_s": samples / elapsed,
         "tokens_per_s": tokens / elapsed,
         "images_per_s": images / elapsed,
+        "model_flops_per_s": model_flops / elapsed,
+        "hardware_flops_per_s": hardware_flops / elapsed,
         "samples": state.samples,
         "nonfinite_steps": state.nonfinite_steps,
         "records_seen": merged.seen,
         "records_skipped": sum(merged.skipped.values()),
     }
+    if peak_tflops:
+        metrics["mfu"] = metrics["model_flops_per_s"] / (peak_tflops * 1e12 * len(gathered))
     metrics.update({f"skipped/{reason}": count for reason, count in merged.skipped.items()})
     for group, rate in zip(groups, learning_rates, strict=True):
         metrics[f"lr/{group['name']}"] = rate

@@ -1,0 +1,67 @@
+"""The logging window: token-weighted loss over micro-batches and ranks, decoder tokens, FLOPs and MFU."""
+
+import pytest
+import torch
+
+from owl2.config import IGNORE_INDEX, ModelConfig
+from owl2.data.pipeline import Batch
+from owl2.data.sample import SkipStats
+from owl2.plan.flops import FlopModel
+from owl2.train.checkpoint import TrainState
+from owl2.train.window import LogWindow, window_metrics
+
+SPEC = ModelConfig.from_preset("debug")
+FLOPS = FlopModel(SPEC, ["all"], image_size=SPEC.vision.image_size)
+
+
+def _batch(lengths: list[int], labelled: list[int], images: list[int]) -> Batch:
+    """Right-padded rows of ``lengths`` real tokens, the last ``labelled`` of each supervised."""
+    width = max(lengths)
+    mask = torch.zeros(len(lengths), width, dtype=torch.long)
+    labels = torch.full((len(lengths), width), IGNORE_INDEX)
+    for row, (length, count) in enumerate(zip(lengths, labelled, strict=True)):
+        mask[row, :length] = 1
+        labels[row, length - count : length] = 7
+    side = SPEC.vision.image_size
+    return Batch(
+        input_ids=torch.ones_like(mask),
+        attention_mask=mask,
+        labels=labels,
+        images=torch.zeros(sum(images), 3, side, side, dtype=torch.uint8),
+        image_counts=images,
+        ids=[f"r{i}" for i in range(len(lengths))],
+        epoch=0,
+        last_key=1,
+    )
+
+
+def test_loss_is_weighted_by_supervised_tokens_over_micro_batches_and_ranks() -> None:
+    rank0, rank1 = LogWindow(), LogWindow()
+    first, second, other = _batch([6, 4], [3, 1], [1, 0]), _batch([5], [2], [2]), _batch([8, 8], [5, 5], [1, 1])
+    rank0.add(first, torch.tensor(1.0), FLOPS)  # 4 supervised tokens (the first position never is a target)
+    rank0.add(second, torch.tensor(4.0), FLOPS)  # 2
+    rank1.add(other, torch.tensor(0.5), FLOPS)  # 10
+    stats = SkipStats()
+
+    def gather(value):  # rank 0's view of an all_gather over two ranks
+        return [value, rank1.totals()] if isinstance(value, tuple) else [value, SkipStats()]
+
+    state = TrainState(stage="stage1", step=3)
+    metrics = window_metrics(rank0, state, stats, [1e-3], [{"name": "all"}], 0.5, gather, peak_tflops=2.0)
+
+    assert metrics["loss"] == pytest.approx((1.0 * 4 + 4.0 * 2 + 0.5 * 10) / 16)
+    # Each image's placeholder counts as the tokens_per_image decoder tokens it becomes.
+    per_image = SPEC.tokens_per_image - 1
+    assert state.tokens == (10 + 5 + 16) + 5 * per_image and state.images == 5 and state.samples == 5
+    expected = FLOPS.batch([5, 4], [1, 0]) + FLOPS.batch([3], [2]) + FLOPS.batch([7, 7], [1, 1])
+    elapsed = metrics["samples"] / metrics["samples_per_s"]
+    assert metrics["model_flops_per_s"] * elapsed == pytest.approx(expected.model)
+    assert metrics["hardware_flops_per_s"] * elapsed == pytest.approx(expected.hardware)
+    assert metrics["mfu"] == pytest.approx(metrics["model_flops_per_s"] / (2.0e12 * 2))  # two workers' peak
+
+
+def test_no_mfu_without_a_known_peak() -> None:
+    window = LogWindow()
+    window.add(_batch([4], [2], [1]), torch.tensor(2.0), FLOPS)
+    metrics = window_metrics(window, TrainState(stage="s"), SkipStats(), [1e-3], [{"name": "all"}], 0.1, lambda v: [v])
+    assert "mfu" not in metrics and metrics["model_flops_per_s"] > 0 and metrics["loss"] == pytest.approx(2.0)
