@@ -3,7 +3,7 @@
     python benchmarks/gpu_check.py [--steps 20] [--strategies ddp,fsdp] [--activation-checkpointing]
                                    [--set model.overrides.decoder.num_layers=8 ...] [--keep DIR]
 
-Generates a small shapes world (``owl2.data.synth.generate_world``) in a temporary folder and runs the shipped
+Generates a small shapes world (``owl2.data.world.generate_world``) in a temporary folder and runs the shipped
 tiny-cpu pipeline (``experiments/tiny_cpu``) on it with ``run_experiment``, exactly as ``owl2 train`` would,
 but with ``resources.use_gpu=true``, one worker and ``precision: bf16``:
 
@@ -150,7 +150,7 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def run(args: argparse.Namespace, root: Path) -> list[dict[str, Any]]:
-    from owl2.data.synth import generate_world
+    from owl2.data.world import generate_world
     from owl2.train.trainer import run_experiment
 
     generate_world(root / "data" / "shapes_world", seed=0, num_train=400, num_heldout=16)

@@ -12,7 +12,8 @@ import pytest
 from PIL import Image
 
 from owl2.cli import main
-from owl2.data.synth import QUESTION_TYPES, generate_world
+from owl2.data.synth import QUESTION_TYPES
+from owl2.data.world import generate_world
 from owl2.eval.benchmarks import load_captions, load_mmbench, load_mme, load_shapes, load_vqa
 from owl2.eval.generate import render_prompt
 from owl2.eval.runner import format_table, load_suite, read_predictions, run_eval, score, training_run

@@ -8,7 +8,7 @@ import pytest
 
 from owl2.cli import main
 from owl2.config import IMAGE_TOKEN_INDEX
-from owl2.data.synth import generate_world
+from owl2.data.world import generate_world
 from owl2.eval.benchmarks import CAPTION_PROTOCOL, EvalItem, Protocol, load_shapes
 from owl2.eval.chat import ChatSession, chat_loop
 from owl2.eval.generate import (

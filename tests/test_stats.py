@@ -5,7 +5,7 @@ import json
 import pytest
 
 from owl2.cli import main
-from owl2.data.synth import generate_world
+from owl2.data.world import generate_world
 
 
 @pytest.fixture(scope="module")

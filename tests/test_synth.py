@@ -13,7 +13,8 @@ import pytest
 from PIL import Image
 
 from owl2.cli import main
-from owl2.data.synth import Scene, Shape, contrast_questions, describe, generate_world, questions, render
+from owl2.data.synth import Scene, Shape, contrast_questions, describe, questions, render
+from owl2.data.world import generate_world
 
 NUM_TRAIN, NUM_HELDOUT = 40, 20
 # Written out here rather than imported, so a wrong vocabulary in the generator cannot pass unnoticed.

@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from owl2.config import load_experiment
-from owl2.data.synth import generate_world
+from owl2.data.world import generate_world
 from owl2.model.vision import resample_position_embedding
 from owl2.train.trainer import run_experiment
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from owl2.config import load_experiment
-from owl2.data.synth import generate_world
+from owl2.data.world import generate_world
 from owl2.tune.sweep import load_sweep, plan_stages, run_sweep
 
 SWEEPS = Path(__file__).resolve().parents[1] / "experiments" / "sweeps"
