@@ -212,7 +212,7 @@ def vision(bench: Bench) -> dict[str, Any]:
 def random_model(bench: Bench, spec: Any, stage: Any) -> torch.nn.Module:
     """The stage's model at random weights, built on the device as the loop prepares it (no fp32 detour)."""
     from owl2.model import Owl2Config, Owl2ForCausalLM
-    from owl2.model.weights import Conversion
+    from owl2.model.keymaps import Conversion
     from owl2.train import parallel
     from owl2.train.optim import apply_trainable
 

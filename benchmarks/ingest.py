@@ -3,7 +3,7 @@
     python benchmarks/ingest.py [--num-train 1500] [--png-size 224] [--image-size 448] [--workers 2]
                                 [--batch-size 16] [--repeats 3] [--world DIR] [--only ray|torch] [--stats]
 
-Data: a generated shapes world (``synth.generate_world``, ``--num-train`` images; 1500 give 4562 LLaVA
+Data: a generated shapes world (``world.generate_world``, ``--num-train`` images; 1500 give 4562 LLaVA
 records, 4189 of them with an image), read from its ``llava/train.json`` with ``image_root`` = the world.
 Its PNGs are rendered at ``--png-size`` (224 px) and resized to ``--image-size`` (448 px: mPLUG-Owl2's input
 and ``DataConfig.image_size``), so every image costs a PNG decode and a bicubic upscale, about 2.3 ms on one
@@ -57,7 +57,7 @@ from owl2.config import DataConfig, SourceConfig
 from owl2.data.pipeline import EPOCH, ORDER_KEY, Batch, Collator, Tokenize, encoded, iterate, load_images, order_key
 from owl2.data.readers import _parse_llava_file
 from owl2.data.sample import SkipStats
-from owl2.data.synth import generate_world
+from owl2.data.world import generate_world
 
 
 @dataclass

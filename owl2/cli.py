@@ -292,7 +292,7 @@ def _model_build(args: argparse.Namespace) -> int:
 def _data_synth(args: argparse.Namespace) -> int:
     import time
 
-    from owl2.data.synth import generate_world
+    from owl2.data.world import generate_world
 
     start = time.perf_counter()
     try:

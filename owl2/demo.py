@@ -39,7 +39,7 @@ def run_demo(
 ) -> dict[str, Any]:
     """Run the demo into ``out``; returns (and writes to ``out/summary.json``) the headline numbers."""
     from owl2.config import load_experiment
-    from owl2.data.synth import generate_world
+    from owl2.data.world import generate_world
     from owl2.eval.runner import run_eval
     from owl2.eval.suite import Suite
     from owl2.tracking import resolve_tracking_uri

@@ -1,7 +1,8 @@
-"""Test-wide settings: no model hub, few threads, and the shared golden vectors."""
+"""Test-wide settings: no model hub, few threads, the shared golden vectors and one synthetic shapes world."""
 
 import os
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -41,6 +42,45 @@ def golden_dir() -> Path:
             pytrace=False,
         )
     return path
+
+
+@pytest.fixture(scope="session")
+def shapes_world_args() -> dict[str, int]:
+    """The ``generate_world`` arguments of :func:`shapes_world`. 60 training images: test_train's resume test
+    counts its epochs in them; 8 held-out ones: fewer than test_eval's limit of 12 items per split."""
+    return {"seed": 0, "num_train": 60, "num_heldout": 8}
+
+
+@pytest.fixture(scope="session")
+def shapes_world(tmp_path_factory: pytest.TempPathFactory, shapes_world_args: dict[str, int]) -> Iterator[Path]:
+    """The root of one shapes world for the whole session, to read only (a test that writes into a world works
+    on a copy): the session ends in an error if a test added, removed or rewrote any of its files."""
+    from owl2.data.world import generate_world
+
+    root = tmp_path_factory.mktemp("shapes-world")
+    generate_world(root, **shapes_world_args)
+    before = _file_stats(root)
+    yield root
+    assert _file_stats(root) == before, f"a test changed the shared shapes world in {root}"
+
+
+@pytest.fixture(scope="module")
+def pipeline_dir(tmp_path_factory: pytest.TempPathFactory, shapes_world: Path) -> Path:
+    """A module's own folder that shows the shared world at ``data/shapes_world`` (a link), the path the shipped
+    experiment YAMLs name relative to it; the module's runs go beside it."""
+    root = tmp_path_factory.mktemp("pipeline")
+    (root / "data").mkdir()
+    (root / "data" / "shapes_world").symlink_to(shapes_world, target_is_directory=True)
+    return root
+
+
+def _file_stats(folder: Path) -> dict[str, tuple[int, int]]:
+    """(size, modification time) of every file under ``folder``, by relative path."""
+    return {
+        str(path.relative_to(folder)): (path.stat().st_size, path.stat().st_mtime_ns)
+        for path in folder.rglob("*")
+        if path.is_file()
+    }
 
 
 @pytest.fixture(scope="session")

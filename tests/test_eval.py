@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from owl2.cli import main
-from owl2.data.synth import QUESTION_TYPES, generate_world
+from owl2.data.synth import QUESTION_TYPES
 from owl2.eval.benchmarks import load_captions, load_mmbench, load_mme, load_shapes, load_vqa
 from owl2.eval.generate import render_prompt
 from owl2.eval.runner import read_predictions, run_eval, training_run
@@ -24,10 +24,14 @@ EXPERIMENT = "owl2-eval-tests"
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    generate_world(root, num_train=8, num_heldout=6)
-    return root
+def world(shapes_world) -> Path:
+    return shapes_world
+
+
+@pytest.fixture(scope="module")
+def heldout(shapes_world_args) -> int:
+    """The world's held-out images: fewer than the eval command's ``--limit 12``, so its captions split stays whole."""
+    return shapes_world_args["num_heldout"]
 
 
 @pytest.fixture(scope="module")
@@ -178,10 +182,10 @@ def test_coco_captions_group_references_per_image(tmp_path):
     assert (items[0].protocol.max_new_tokens, items[0].protocol.min_new_tokens) == (60, 8)
 
 
-def test_shapes_heldout_splits(world):
+def test_shapes_heldout_splits(world, heldout):
     splits = load_shapes(world)
     world_json = json.loads((world / "world.json").read_text())
-    assert len(splits["captions"]) == 6 and len(splits["text"]) == world_json["text_task"]["heldout_items"]
+    assert len(splits["captions"]) == heldout and len(splits["text"]) == world_json["text_task"]["heldout_items"]
     vqa = splits["vqa"]
     assert {item.meta["question_type"] for item in vqa} <= set(QUESTION_TYPES)
     assert all(Path(item.images[0]).is_file() for item in vqa)
@@ -281,7 +285,7 @@ def test_training_run_lookup(mlflow_uri):
 
 
 def test_eval_command_logs_a_child_run_with_metrics_per_question_type(
-    ray_cluster, checkpoint, mlflow_uri, tmp_path, monkeypatch, capsys
+    ray_cluster, checkpoint, heldout, mlflow_uri, tmp_path, monkeypatch, capsys
 ):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_uri)
     tracker = Tracker(mlflow_uri)
@@ -295,7 +299,7 @@ def test_eval_command_logs_a_child_run_with_metrics_per_question_type(
 
     records = read_predictions(output)
     types = {r["meta"]["question_type"] for r in records if r["kind"] == "vqa"}
-    assert len(records) == 12 + 6 + 12 and len(types) >= 3
+    assert len(records) == 12 + heldout + 12 and len(types) >= 3
     for question_type in types:
         assert re.search(rf"^shapes/vqa/{question_type}/accuracy\s+\d\.\d{{4}}\s+\d\.\d{{4}}\s+\d+$", printed, re.M)
     assert "shapes/captions/cider" in printed and "shapes/text/exact_match" in printed

@@ -8,7 +8,6 @@ import pytest
 
 from owl2.cli import main
 from owl2.config import IMAGE_TOKEN_INDEX
-from owl2.data.synth import generate_world
 from owl2.data.tokenizer import tokenize_with_images
 from owl2.eval.benchmarks import CAPTION_PROTOCOL, EvalItem, Protocol, load_shapes
 from owl2.eval.chat import ChatSession, chat_loop
@@ -25,10 +24,8 @@ from owl2.eval.generate import (
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("world")
-    generate_world(root, num_train=8, num_heldout=6)
-    return root
+def world(shapes_world) -> Path:
+    return shapes_world
 
 
 @pytest.fixture(scope="module")

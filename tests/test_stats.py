@@ -1,17 +1,17 @@
 """``owl2 data stats`` on a shapes world with a few broken records added."""
 
 import json
+import shutil
 
 import pytest
 
 from owl2.cli import main
-from owl2.data.synth import generate_world
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    generate_world(root, seed=3, num_train=12, num_heldout=4)
+def world(tmp_path_factory, shapes_world):
+    root = tmp_path_factory.mktemp("world") / "shapes_world"
+    shutil.copytree(shapes_world, root)  # a copy to break: the shared world stays intact
     records = json.loads((root / "llava" / "train.json").read_text())
     images = [r for r in records if "image" in r]
     images[0]["image"] = "images/train/missing.png"

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from owl2.cli import main
-from owl2.data.synth import Scene, Shape, contrast_questions, describe, generate_world, questions, render
+from owl2.data.synth import Scene, Shape, contrast_questions, describe, questions, render
+from owl2.data.world import generate_world
 
-NUM_TRAIN, NUM_HELDOUT = 40, 20
 # Written out here rather than imported, so a wrong vocabulary in the generator cannot pass unnoticed.
 COLORS = {"red", "green", "blue", "yellow"}
 SHAPES = {"circle", "square", "triangle"}
@@ -24,19 +24,28 @@ NUMBERS = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight
 
 
 @pytest.fixture(scope="module")
-def worlds(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("worlds")
-    generate_world(root / "a", seed=0, num_train=NUM_TRAIN, num_heldout=NUM_HELDOUT)
-    # "b" first holds a bigger world of another seed: regenerating must leave nothing of it behind.
-    generate_world(root / "b", seed=1, num_train=NUM_TRAIN + 10, num_heldout=NUM_HELDOUT + 5)
-    generate_world(root / "b", seed=0, num_train=NUM_TRAIN, num_heldout=NUM_HELDOUT)
-    generate_world(root / "c", seed=1, num_train=NUM_TRAIN, num_heldout=NUM_HELDOUT)
-    return {"a": root / "a", "b": root / "b", "c": root / "c"}
+def sizes(shapes_world_args: dict[str, int]) -> tuple[int, int]:
+    """(train, held-out) images of the shared world the format tests read."""
+    return shapes_world_args["num_train"], shapes_world_args["num_heldout"]
 
 
 @pytest.fixture(scope="module")
-def world_dir(worlds: dict[str, Path]) -> Path:
-    return worlds["a"]
+def worlds(
+    tmp_path_factory: pytest.TempPathFactory, shapes_world: Path, shapes_world_args: dict[str, int]
+) -> dict[str, Path]:
+    """The shared world as ``a``, a world of the same arguments as ``b`` and one of another seed as ``c``."""
+    root = tmp_path_factory.mktemp("worlds")
+    seed, num_train, num_heldout = (shapes_world_args[key] for key in ("seed", "num_train", "num_heldout"))
+    # "b" first holds a bigger world of another seed: regenerating must leave nothing of it behind.
+    generate_world(root / "b", seed=seed + 1, num_train=num_train + 10, num_heldout=num_heldout + 5)
+    generate_world(root / "b", **shapes_world_args)
+    generate_world(root / "c", **{**shapes_world_args, "seed": seed + 1})
+    return {"a": shapes_world, "b": root / "b", "c": root / "c"}
+
+
+@pytest.fixture(scope="module")
+def world_dir(shapes_world: Path) -> Path:
+    return shapes_world
 
 
 @pytest.fixture(scope="module")
@@ -117,11 +126,13 @@ def _text_answer(question: str) -> str:
 # Determinism
 
 
-def test_same_seed_gives_byte_identical_files_and_another_seed_differs(worlds: dict[str, Path]) -> None:
+def test_same_seed_gives_byte_identical_files_and_another_seed_differs(
+    worlds: dict[str, Path], sizes: tuple[int, int]
+) -> None:
     a, b, c = (_hashes(worlds[name]) for name in "abc")
     assert a == b
     assert a.keys() == c.keys()
-    assert sum(a[name] != c[name] for name in a) > NUM_TRAIN  # images, captions, records all change
+    assert sum(a[name] != c[name] for name in a) > sizes[0]  # images, captions, records all change
 
 
 def test_generation_refuses_a_folder_holding_other_files(tmp_path: Path) -> None:
@@ -134,13 +145,15 @@ def test_generation_refuses_a_folder_holding_other_files(tmp_path: Path) -> None
 # The answers are those of the pixels
 
 
-def test_heldout_vqa_answers_and_captions_match_the_pixels(world_dir: Path, world: dict) -> None:
+def test_heldout_vqa_answers_and_captions_match_the_pixels(
+    world_dir: Path, world: dict, sizes: tuple[int, int]
+) -> None:
     scenes = {}
     for record in _jsonl(world_dir / "eval" / "vqa_heldout.jsonl"):
         if record["image"] not in scenes:
             scenes[record["image"]] = _read_scene(world_dir / record["image"], world)
         assert record["answer"] == _expected_answer(record["question"], scenes[record["image"]]), record
-    assert len(scenes) == NUM_HELDOUT
+    assert len(scenes) == sizes[1]
     for split in ("train", "heldout"):
         for record in _jsonl(world_dir / "captions" / f"{split}.jsonl"):
             assert _caption_scene(record["caption"]) == _read_scene(world_dir / record["image"], world), record
@@ -169,18 +182,18 @@ def test_text_heldout_answers_are_right_and_unseen_in_training(world_dir: Path) 
     assert not trained & {record["question"] for record in heldout}
 
 
-def test_heldout_images_show_layouts_no_training_image_shows(world_dir: Path) -> None:
+def test_heldout_images_show_layouts_no_training_image_shows(world_dir: Path, sizes: tuple[int, int]) -> None:
     train = {record["caption"] for record in _jsonl(world_dir / "captions" / "train.jsonl")}
     heldout = [record["caption"] for record in _jsonl(world_dir / "captions" / "heldout.jsonl")]
-    assert len(set(heldout)) == len(heldout) == NUM_HELDOUT
+    assert len(set(heldout)) == len(heldout) == sizes[1]
     assert not train & set(heldout)
 
 
 # Every format parses
 
 
-def test_caption_jsonl(world_dir: Path) -> None:
-    for split, count in (("train", NUM_TRAIN), ("heldout", NUM_HELDOUT)):
+def test_caption_jsonl(world_dir: Path, sizes: tuple[int, int]) -> None:
+    for split, count in zip(("train", "heldout"), sizes, strict=True):
         records = _jsonl(world_dir / "captions" / f"{split}.jsonl")
         assert len(records) == len({record["id"] for record in records}) == count
         for record in records:
@@ -238,10 +251,10 @@ def test_webdataset_shards(world_dir: Path) -> None:
         assert keys == list(captions)
 
 
-def test_coco_captions_and_vqa_eval_files(world_dir: Path, world: dict) -> None:
+def test_coco_captions_and_vqa_eval_files(world_dir: Path, world: dict, sizes: tuple[int, int]) -> None:
     coco = json.loads((world_dir / "eval" / "captions_heldout.json").read_text())
     image_ids = {image["id"] for image in coco["images"]}
-    assert len(image_ids) == len(coco["images"]) == NUM_HELDOUT
+    assert len(image_ids) == len(coco["images"]) == sizes[1]
     assert all((world_dir / image["file_name"]).is_file() for image in coco["images"])
     assert {annotation["image_id"] for annotation in coco["annotations"]} == image_ids
     assert len({annotation["id"] for annotation in coco["annotations"]}) == len(coco["annotations"])
@@ -258,7 +271,7 @@ def test_coco_captions_and_vqa_eval_files(world_dir: Path, world: dict) -> None:
 # world.json
 
 
-def test_world_vocabulary_and_chance_levels(world: dict) -> None:
+def test_world_vocabulary_and_chance_levels(world: dict, sizes: tuple[int, int]) -> None:
     answers = world["answers"]
     assert set(answers["color"]) == COLORS and set(answers["shape"]) == SHAPES
     assert answers["position"] == POSITIONS and answers["count"] == NUMBERS[1:4]
@@ -266,11 +279,11 @@ def test_world_vocabulary_and_chance_levels(world: dict) -> None:
     assert world["chance"] == {kind: 1 / len(values) for kind, values in answers.items()}
     assert world["chance"]["yes_no"] == 0.5 and world["chance"]["count"] == 1 / 3
     assert world["vocabulary"]["positions"] == world["grid"]["cells"] == POSITIONS
-    assert world["sizes"] == {"train": NUM_TRAIN, "heldout": NUM_HELDOUT} and world["image_size"] == 112
+    assert world["sizes"] == {"train": sizes[0], "heldout": sizes[1]} and world["image_size"] == 112
 
 
-def test_question_types_are_balanced(world: dict) -> None:
-    for split, images in (("train", NUM_TRAIN), ("heldout", NUM_HELDOUT)):
+def test_question_types_are_balanced(world: dict, sizes: tuple[int, int]) -> None:
+    for split, images in zip(("train", "heldout"), sizes, strict=True):
         counts = world["counts"][split]
         assert set(counts["questions"]) == set(world["question_types"])
         assert all(count >= 0.8 * images for count in counts["questions"].values())

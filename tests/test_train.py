@@ -11,7 +11,6 @@ import torch
 from safetensors.torch import load_file
 
 from owl2.config import load_experiment
-from owl2.data.synth import generate_world
 from owl2.model.vision import resample_position_embedding
 from owl2.train.faults import Fault, write_plan
 from owl2.train.trainer import run_experiment
@@ -21,10 +20,8 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("world")
-    generate_world(root / "data" / "shapes_world", seed=0, num_train=60, num_heldout=8)
-    return root
+def world(pipeline_dir):
+    return pipeline_dir  # the shared world: seed 0, 60 training images
 
 
 def _experiment(world, name, *overrides):

@@ -8,7 +8,6 @@ import pytest
 import yaml
 
 from owl2.config import load_experiment
-from owl2.data.synth import generate_world
 from owl2.tune.sweep import load_sweep, plan_stages, run_sweep
 
 SWEEPS = Path(__file__).resolve().parents[1] / "experiments" / "sweeps"
@@ -61,11 +60,9 @@ def test_stage_two_keys_share_stage_one(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory, monkeypatch_module):
-    root = tmp_path_factory.mktemp("sweep-world")
-    generate_world(root / "data" / "shapes_world", seed=1, num_train=40, num_heldout=8)
-    monkeypatch_module.chdir(root)  # the shipped YAMLs name data/shapes_world relative to the working directory
-    return root
+def world(pipeline_dir, monkeypatch_module):
+    monkeypatch_module.chdir(pipeline_dir)  # the shipped YAMLs name data/shapes_world relative to the working directory
+    return pipeline_dir
 
 
 @pytest.fixture(scope="module")
