@@ -249,8 +249,14 @@ def test_files_change_hands_between_epochs_and_sources_continue_the_deal():
     # Two sources of 5 files on 4 workers: the second starts where the first stopped, so no rank gets both
     # sources' extra file.
     listings = [[f"/a/{i}.json" for i in range(5)], [f"/b/{i}.json" for i in range(5)]]
-    totals = [sum(len(plan) for plan in worker_files(listings, 0, range(1), rank, 4)) for rank in range(4)]
-    assert sorted(totals) == [2, 2, 3, 3]
+
+    def files_read(epochs):
+        plans = [worker_files(listings, 0, epochs, rank, 4) for rank in range(4)]
+        return [sum(len(shares) for plan in plans_ for shares in plan.values()) for plans_ in plans]
+
+    assert sorted(files_read(range(1))) == [2, 2, 3, 3]
+    # The deal goes on into the next epoch: the ranks short of a file in one get it in the next.
+    assert files_read(range(2)) == [5, 5, 5, 5] and files_read(range(6, 8)) == [5, 5, 5, 5]
 
 
 def test_the_workers_shares_hold_every_sample_copy_once(tmp_path, spm_tokenizer_dir):

@@ -20,13 +20,14 @@ world size and the data. The position in an epoch is the last key consumed: a re
 
 Shares: a worker reads only its own files (every worker lists the files, which reads none of them). Each
 epoch, each source's files are put in an order hashed from ``(seed, epoch, path)`` and dealt to the ranks in
-turn, the next source going on from the rank where the last one stopped: a worker reads the floor or the
-ceiling of ``files / world_size`` of each source, and a file changes hands from epoch to epoch. A source
-with fewer files than workers is dealt in parts instead: each of its ``n`` files is read by
-``world_size / gcd(n, world_size)`` workers, each keeping the copies whose ``key % parts`` is its part, so
-every worker gets the same share and reads ``n / gcd(n, world_size)`` of the files (one file: every worker
-reads all of it, as every worker once read everything). That costs repeated reads of a small source rather
-than an idle or an overloaded worker. Either way, every sample copy of an epoch lands in exactly one share.
+turn: a worker reads the floor or the ceiling of ``files / world_size`` of each source, and a file changes
+hands from epoch to epoch. The deal goes on from one source to the next and from one epoch to the next, so
+the ranks that get one file more take turns. A source with fewer files than workers is dealt in parts
+instead: each of its ``n`` files is read by ``world_size / gcd(n, world_size)`` workers, each keeping the
+copies whose ``key % parts`` is its part, so every worker gets the same share and reads
+``n / gcd(n, world_size)`` of the files (a source of one file is read whole by every worker). That costs
+repeated reads of a small source rather than an idle or an overloaded worker. Either way, every sample copy
+of an epoch lands in exactly one share.
 
 Balance: files are dealt, not rows, so shares differ by up to a file per source (more where files differ in
 length). Workers still take the same number of optimizer steps: the training loop's stream never runs dry
@@ -103,7 +104,7 @@ class Share:
 def deal(files: list[str], seed: int, epoch: int, world_size: int, first_rank: int = 0) -> list[dict[str, Share]]:
     """Per rank, the files it reads in ``epoch`` and its share of each (see the module docstring); the
     dealing starts at ``first_rank``."""
-    parts = 1 if len(files) >= world_size else world_size // math.gcd(len(files), world_size)
+    parts = _parts(len(files), world_size)
     # -2: a hash of its own, apart from the samples' copies (>= 0) and weight coins (-1).
     order = sorted(files, key=lambda path: (order_key(seed, epoch, path, -2), path))
     hands: list[dict[str, Share]] = [{} for _ in range(world_size)]
@@ -112,19 +113,25 @@ def deal(files: list[str], seed: int, epoch: int, world_size: int, first_rank: i
     return hands
 
 
+def _parts(num_files: int, world_size: int) -> int:
+    """In how many parts each file of a source is dealt: the fewest that give every worker the same share,
+    or 1 when there are files enough for every worker."""
+    return 1 if num_files >= world_size else world_size // math.gcd(num_files, world_size)
+
+
 def worker_files(
     listings: list[list[str]], seed: int, epochs: range, rank: int, world_size: int
 ) -> list[dict[str, list[Share]]]:
     """Per source (``listings``: each source's files), the files ``rank`` reads over ``epochs``, each with
     its shares: ``{path: [Share, ...]}``, one share per epoch it is read in."""
     plans: list[dict[str, list[Share]]] = [{} for _ in listings]
+    units = [len(files) * _parts(len(files), world_size) for files in listings]
     for epoch in epochs:
-        first_rank = 0
-        for plan, files in zip(plans, listings, strict=True):
-            hands = deal(files, seed, epoch, world_size, first_rank)
-            for path, share in hands[rank].items():
+        first_rank = epoch * sum(units) % world_size  # where the deal of all earlier epochs stopped
+        for plan, files, dealt in zip(plans, listings, units, strict=True):
+            for path, share in deal(files, seed, epoch, world_size, first_rank)[rank].items():
                 plan.setdefault(path, []).append(share)
-            first_rank = (first_rank + sum(len(hand) for hand in hands)) % world_size
+            first_rank = (first_rank + dealt) % world_size
     return plans
 
 
