@@ -309,13 +309,12 @@ def test_each_worker_reads_only_its_files_and_together_they_read_the_epoch_once(
         rows = _rows(samples(config, epoch=1, rank=rank, world_size=world_size).take_all())
         return rows, log.read_text().split()
 
-    whole, opened_by_one = run(0, 1)
-    assert sorted(opened_by_one) == files
     shares = [run(rank, 4) for rank in range(4)]
     for rank, (rows, opened) in enumerate(shares):
         assert len(opened) == len(set(opened)) == 2, opened  # its own 2 files, each read once
         assert {origin.rsplit(":", 1)[0] for _, _, _, origin in rows} == set(opened)
         assert rows == _rows(_local_samples(config, epoch=1, rank=rank, world_size=4))  # what the pure parts say
     assert sorted(path for _, opened in shares for path in opened) == files
-    assert Counter(row for rows, _ in shares for row in rows) == Counter(whole)
-    assert whole == _rows(_local_samples(config, epoch=1))
+    # Together: the epoch of a single worker (reading all 8 files), every sample copy exactly once.
+    whole = _rows(_local_samples(config, epoch=1))
+    assert len(whole) > 8 * 6 and Counter(row for rows, _ in shares for row in rows) == Counter(whole)
