@@ -69,9 +69,10 @@ def list_files(source: SourceConfig) -> list[str]:
     """The data files of a source (folders expanded, hidden files left out), sorted, named as the samples'
     ``origin`` names them (a URI without its scheme). Lists, reads nothing."""
     extensions = list(FILE_EXTENSIONS[source.format])
-    files = ray.data.read_binary_files(source.path, include_paths=True, file_extensions=extensions).input_files()
-    if not files:
-        raise ValueError(f"data source {source.label!r}: no .{'/.'.join(extensions)} file in {source.path}")
+    try:
+        files = ray.data.read_binary_files(source.path, include_paths=True, file_extensions=extensions).input_files()
+    except ValueError as error:  # Ray's, e.g. when no file has one of the extensions
+        raise ValueError(f"data source {source.label!r} ({source.path}): {error}") from error
     return sorted(files)
 
 
