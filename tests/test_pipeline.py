@@ -1,14 +1,23 @@
-"""The Ray Data pipeline end to end: bad records counted exactly, good ones all through, order and resume."""
+"""The Ray Data pipeline end to end: bad records counted exactly, good ones all through, order and resume,
+and each worker reading only its own files.
+
+Order, weights, passes and shares are pure functions; the tests of their logic run them without Ray
+(:func:`_local_samples`), and one Ray test checks that the pipeline yields exactly what they say.
+"""
 
 import io
 import json
+import math
+from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from owl2.config import IMAGE_TOKEN_INDEX, DataConfig, build
-from owl2.data.pipeline import Collator, encoded, iterate, samples
+from owl2.data import readers
+from owl2.data.pipeline import EPOCH, ORDER_KEY, Collator, Copies, deal, encoded, iterate, samples, worker_files
 from owl2.data.sample import SkipStats, TooManyBadRecords
 
 TOKENS_PER_IMAGE = 3
@@ -117,11 +126,33 @@ def test_bad_fraction_over_the_limit_stops_with_examples(ray_cluster, corpus, sp
         _collect(_config(corpus, spm_tokenizer_dir), stats)
 
 
-def test_order_is_deterministic_per_seed_and_epoch_and_resumes_exactly(ray_cluster, corpus, spm_tokenizer_dir):
+def _listing(source) -> list[str]:
+    """The files of a source, as ``readers.list_files`` names them (here: local files, or folders of them)."""
+    paths = [source.path] if isinstance(source.path, str) else source.path
+    files = [file for path in paths for file in (Path(path).rglob("*") if Path(path).is_dir() else [Path(path)])]
+    return sorted(str(file) for file in files if file.suffix[1:] in readers.FILE_EXTENSIONS[source.format])
+
+
+def _local_samples(config, epoch=0, rank=0, world_size=1, after_key=-1, epochs=1):
+    """What :func:`samples` yields, computed in this process from its pure parts: deal the files, parse this
+    worker's, copy and filter each sample, sort by (epoch, key)."""
+    plans = worker_files(
+        [_listing(s) for s in config.sources], config.seed, range(epoch, epoch + epochs), rank, world_size
+    )
+    rows = []
+    for source, plan in zip(config.sources, plans, strict=True):
+        copies = Copies(source.weight, config.seed, plan, epoch, after_key)
+        for path in sorted(plan):
+            for sample in readers.parse_file(Path(path).read_bytes(), path, source):
+                rows += copies(sample)
+    return sorted(rows, key=lambda row: (row[EPOCH], row[ORDER_KEY]))
+
+
+def test_order_is_deterministic_per_seed_and_epoch_and_resumes_exactly(corpus, spm_tokenizer_dir):
     def keys(**kwargs):
         config = _config(corpus, spm_tokenizer_dir, **{k: v for k, v in kwargs.items() if k == "seed"})
         rest = {k: v for k, v in kwargs.items() if k != "seed"}
-        return [(row["order_key"], row["id"]) for row in samples(config, **rest).take_all()]
+        return [(row["order_key"], row["id"]) for row in _local_samples(config, **rest)]
 
     first = keys(seed=1)
     assert first == keys(seed=1) and [k for k, _ in first] == sorted(k for k, _ in first)
@@ -134,11 +165,11 @@ def test_order_is_deterministic_per_seed_and_epoch_and_resumes_exactly(ray_clust
     assert sorted(shards[0] + shards[1]) == sorted(first) and not set(shards[0]) & set(shards[1])
 
 
-def test_one_pass_over_several_epochs_is_those_epochs_in_a_row(ray_cluster, corpus, spm_tokenizer_dir):
+def test_one_pass_over_several_epochs_is_those_epochs_in_a_row(corpus, spm_tokenizer_dir):
     config = _config(corpus, spm_tokenizer_dir, seed=3)
 
     def rows(**kwargs):
-        return [(row["epoch"], row["order_key"], row["id"]) for row in samples(config, **kwargs).take_all()]
+        return [(row["epoch"], row["order_key"], row["id"]) for row in _local_samples(config, **kwargs)]
 
     per_epoch = [rows(epoch=e, rank=1, world_size=2) for e in range(1, 4)]
     assert all(epoch == e for e, rows_ in zip(range(1, 4), per_epoch, strict=True) for epoch, _, _ in rows_)
@@ -148,7 +179,7 @@ def test_one_pass_over_several_epochs_is_those_epochs_in_a_row(ray_cluster, corp
     assert rows(epoch=1, rank=1, world_size=2, after_key=after, epochs=2) == per_epoch[0][3:] + per_epoch[1]
 
 
-def test_weights_repeat_or_thin_a_source_deterministically(ray_cluster, corpus, spm_tokenizer_dir, tmp_path):
+def test_weights_repeat_or_thin_a_source_deterministically(corpus, spm_tokenizer_dir, tmp_path):
     data = str(corpus / "data.json")
 
     def ids(weight, epoch=0):
@@ -157,7 +188,7 @@ def test_weights_repeat_or_thin_a_source_deterministically(ray_cluster, corpus, 
             {"sources": [{"format": "llava", "path": data, "weight": weight}], "tokenizer": str(spm_tokenizer_dir)},
             "data",
         )
-        return sorted(row["id"] for row in samples(config, epoch=epoch).take_all())
+        return sorted(row["id"] for row in _local_samples(config, epoch=epoch))
 
     once = ids(1.0)
     assert ids(2.0) == sorted(once * 2)
@@ -174,6 +205,116 @@ def test_weights_repeat_or_thin_a_source_deterministically(ray_cluster, corpus, 
         },
         "data",
     )
-    sources = [row["source"] for row in samples(mixed).take_all()]
+    sources = [row["source"] for row in _local_samples(mixed)]
     assert sources.count("b") == 2 * sources.count("a") == 2 * len(once)
     assert np.mean([s == "a" for s in sources[: len(sources) // 2]]) < 0.9  # interleaved, not concatenated
+
+
+def _write_shards(folder: Path, name: str, files: int, rows: int) -> list[str]:
+    """``files`` LLaVA JSONL files of ``rows`` text-only records each."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in range(files):
+        records = [{"id": f"{name}{f}-{r}", "conversations": _turns(f"Q{r}?", f"A{r}")} for r in range(rows)]
+        (folder / f"{name}-{f:02d}.jsonl").write_text("\n".join(json.dumps(record) for record in records))
+    return sorted(str(path) for path in folder.glob("*.jsonl"))
+
+
+def _rows(rows) -> list[tuple]:
+    return [(int(row[EPOCH]), int(row[ORDER_KEY]), row["source"], row["origin"]) for row in rows]
+
+
+@pytest.mark.parametrize("world_size", [1, 2, 3, 4, 6, 8])
+@pytest.mark.parametrize("num_files", [1, 2, 3, 4, 8, 9])
+def test_dealing_gives_each_part_of_each_file_to_one_rank_in_balanced_shares(num_files, world_size):
+    files = [f"s3://bucket/shard-{i:02d}.tar" for i in range(num_files)]
+    hands = deal(files, seed=5, epoch=2, world_size=world_size, first_rank=1)
+    assert hands == deal(files, seed=5, epoch=2, world_size=world_size, first_rank=1)  # deterministic
+    (parts,) = {share.parts for hand in hands for share in hand.values()}
+    held = Counter((path, share.part) for hand in hands for path, share in hand.items())
+    assert held == Counter({(path, part): 1 for path in files for part in range(parts)})
+    assert all(share.epoch == 2 for hand in hands for share in hand.values())
+    counts = sorted(len(hand) for hand in hands)
+    if num_files >= world_size:  # whole files, at most one more for some ranks
+        assert parts == 1 and counts[-1] - counts[0] <= 1
+    else:  # every rank the same share: n / gcd files, each in world_size / gcd parts
+        common = math.gcd(num_files, world_size)
+        assert parts == world_size // common and counts == [num_files // common] * world_size
+
+
+def test_files_change_hands_between_epochs_and_sources_continue_the_deal():
+    files = [f"/data/part-{i}.json" for i in range(8)]
+    by_epoch = [[sorted(hand) for hand in deal(files, seed=0, epoch=e, world_size=4)] for e in range(3)]
+    assert by_epoch[0] != by_epoch[1] != by_epoch[2]
+    assert deal(files, seed=0, epoch=0, world_size=4) != deal(files, seed=1, epoch=0, world_size=4)
+    # Two sources of 5 files on 4 workers: the second starts where the first stopped, so no rank gets both
+    # sources' extra file.
+    listings = [[f"/a/{i}.json" for i in range(5)], [f"/b/{i}.json" for i in range(5)]]
+
+    def files_read(epochs):
+        plans = [worker_files(listings, 0, epochs, rank, 4) for rank in range(4)]
+        return [sum(len(shares) for plan in plans_ for shares in plan.values()) for plans_ in plans]
+
+    assert sorted(files_read(range(1))) == [2, 2, 3, 3]
+    # The deal goes on into the next epoch: the ranks short of a file in one get it in the next.
+    assert files_read(range(2)) == [5, 5, 5, 5] and files_read(range(6, 8)) == [5, 5, 5, 5]
+
+
+def test_the_workers_shares_hold_every_sample_copy_once(tmp_path, spm_tokenizer_dir):
+    # Source a: 5 files, weight 1.5 (dealt by file on 2 and 3 workers, in parts on 6); b: 2 files (in parts).
+    _write_shards(tmp_path / "a", "a", 5, 6)
+    config = build(
+        DataConfig,
+        {
+            "sources": [
+                {"format": "llava", "path": str(tmp_path / "a"), "weight": 1.5, "name": "a"},
+                {"format": "llava", "path": _write_shards(tmp_path / "b", "b", 2, 7), "name": "b"},
+            ],
+            "tokenizer": str(spm_tokenizer_dir),
+            "seed": 11,
+        },
+        "data",
+    )
+    whole = _rows(_local_samples(config, epoch=4, epochs=2))
+    assert {source for _, _, source, _ in whole} == {"a", "b"} and {e for e, _, _, _ in whole} == {4, 5}
+    for world_size in (2, 3, 6):
+        shares = [
+            _rows(_local_samples(config, epoch=4, rank=r, world_size=world_size, epochs=2)) for r in range(world_size)
+        ]
+        assert all(share == sorted(share) and share for share in shares)
+        assert Counter(row for share in shares for row in share) == Counter(whole)
+
+
+def _logging_parser(parse, log: Path):
+    """``parse``, noting each file it is given in ``log`` (appended from the Ray tasks)."""
+
+    def logged(data, path, source):
+        with open(log, "a") as file:
+            file.write(path + "\n")
+        return parse(data, path, source)
+
+    return logged
+
+
+def test_each_worker_reads_only_its_files_and_together_they_read_the_epoch_once(
+    ray_cluster, tmp_path, spm_tokenizer_dir, monkeypatch
+):
+    files = _write_shards(tmp_path / "shards", "s", 8, 6)
+    log = tmp_path / "opened.log"
+    monkeypatch.setitem(readers.PARSERS, "llava", _logging_parser(readers.PARSERS["llava"], log))
+    source = {"format": "llava", "path": str(tmp_path / "shards"), "weight": 1.5}
+    config = build(DataConfig, {"sources": [source], "tokenizer": str(spm_tokenizer_dir), "seed": 2}, "data")
+
+    def run(rank, world_size):
+        log.write_text("")
+        rows = _rows(samples(config, epoch=1, rank=rank, world_size=world_size).take_all())
+        return rows, log.read_text().split()
+
+    shares = [run(rank, 4) for rank in range(4)]
+    for rank, (rows, opened) in enumerate(shares):
+        assert len(opened) == len(set(opened)) == 2, opened  # its own 2 files, each read once
+        assert {origin.rsplit(":", 1)[0] for _, _, _, origin in rows} == set(opened)
+        assert rows == _rows(_local_samples(config, epoch=1, rank=rank, world_size=4))  # what the pure parts say
+    assert sorted(path for _, opened in shares for path in opened) == files
+    # Together: the epoch of a single worker (reading all 8 files), every sample copy exactly once.
+    whole = _rows(_local_samples(config, epoch=1))
+    assert len(whole) > 8 * 6 and Counter(row for rows, _ in shares for row in rows) == Counter(whole)

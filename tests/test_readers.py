@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from owl2.config import IMAGE_PLACEHOLDER, SourceConfig
-from owl2.data.readers import read
+from owl2.data.readers import list_files, read
 from owl2.data.sample import decode_messages
 
 
@@ -148,6 +148,28 @@ def test_webdataset_shards_with_captions_and_conversations(ray_cluster, tmp_path
     assert by_id["conv"]["task"] == "chat" and by_id["conv"]["image_bytes"] == [b"pngbytes"]
     assert decode_messages(by_id["conv"]["messages"])[0]["content"] == f"{IMAGE_PLACEHOLDER}\nWhat?"
     assert sorted(row["error"] for row in rows if row["error"]) == ["malformed_record", "malformed_record"]
+
+
+def test_listing_names_the_files_and_reads_none_and_a_worker_reads_only_the_files_it_names(ray_cluster, tmp_path):
+    def record(name):
+        return json.dumps(
+            {"id": name, "conversations": [{"from": "human", "value": "Q"}, {"from": "gpt", "value": "A"}]}
+        )
+
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    (tmp_path / "a.jsonl").write_text(record("a"))
+    (tmp_path / "deep" / "er" / "b.json").write_text(f"[{record('b')}]")
+    (tmp_path / "c.json").write_text('[{"id": "c", ')  # would fail a read that parsed it
+    (tmp_path / "notes.txt").write_text("not data")
+    (tmp_path / ".hidden.jsonl").write_text(record("hidden"))
+    source = SourceConfig(format="llava", path=str(tmp_path))
+    files = list_files(source)
+    assert files == [str(tmp_path / "a.jsonl"), str(tmp_path / "c.json"), str(tmp_path / "deep" / "er" / "b.json")]
+    rows = read(source, files=[files[0], files[2]]).take_all()
+    assert sorted(row["id"] for row in rows) == ["a", "b"] and not any(row["error"] for row in rows)
+    assert sorted(row["origin"] for row in rows) == [f"{files[0]}:0", f"{files[2]}:0"]
+    with pytest.raises(ValueError, match=r"data source 'x' \(.*\): No input files found.*\['tar'\]"):
+        list_files(SourceConfig(format="webdataset", path=str(tmp_path), name="x"))
 
 
 def test_unknown_format_is_a_config_error():

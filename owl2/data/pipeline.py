@@ -2,7 +2,8 @@
 
 ::
 
-    read (per source) -> repeat by weight -> shard by rank -> resume filter -> sort by order key
+    list files -> read this worker's files (per source) -> repeat by weight, keep its share, resume filter
+        -> sort by order key
         -> blocks of ~32 MB of pixels -> Encode = Tokenize + load_images (actors, one per CPU)
         -> iter_torch_batches(Collator)
 
@@ -12,10 +13,28 @@ call costs little next to its decoding, small enough to spread over the actors a
 early; pixels travel as a uint8 tensor column, which the consumer reads without a copy; the collate function
 copies each image once.
 
-Order: every sample copy gets a 63-bit key hashed from ``(seed, epoch, origin, copy)``; an epoch is the
-samples sorted by that key, so the order depends on nothing but the seed, the epoch and the data. A
-worker takes the keys with ``key % world_size == rank``. The position in an epoch is the last key
-consumed: a restarted run filters ``key > last_key`` and so neither repeats nor skips a sample.
+Order: every sample copy gets a 63-bit key hashed from ``(seed, epoch, origin, copy)``; a worker's epoch is
+its share of the samples sorted by that key, so the order depends on nothing but the seed, the epoch, the
+world size and the data. The position in an epoch is the last key consumed: a restarted run filters
+``key > last_key`` and so neither repeats nor skips a sample.
+
+Shares: a worker reads only its own files (every worker lists the files, which reads none of them). Each
+epoch, each source's files are put in an order hashed from ``(seed, epoch, path)`` and dealt to the ranks in
+turn: a worker reads the floor or the ceiling of ``files / world_size`` of each source, and a file changes
+hands from epoch to epoch. The deal goes on from one source to the next and from one epoch to the next, so
+the ranks that get one file more take turns. A source with fewer files than workers is dealt in parts
+instead: each of its ``n`` files is read by ``world_size / gcd(n, world_size)`` workers, each keeping the
+copies whose ``key % parts`` is its part, so every worker gets the same share and reads
+``n / gcd(n, world_size)`` of the files (a source of one file is read whole by every worker). That costs
+repeated reads of a small source rather than an idle or an overloaded worker. Either way, every sample copy
+of an epoch lands in exactly one share.
+
+Balance: files are dealt, not rows, so shares differ by up to a file per source (more where files differ in
+length). Workers still take the same number of optimizer steps: the training loop's stream never runs dry
+(``loop.batches()`` sizes each pass from the rows its first pass counted, and starts another pass when a
+pass falls short), so a smaller share only ends that worker's epochs sooner and brings its files round
+more often; as files change hands every epoch, no file stays favoured through a stage. Workers' epoch
+numbers may drift apart; each worker's position (epoch, last key) is its own in the checkpoint.
 
 Passes: one execution of the pipeline can stream several epochs back to back (sorted by epoch, then key:
 the same sequence as one execution per epoch). Each execution pays a start-up (read, sort, actors: 10-15 s
@@ -40,9 +59,9 @@ import torch
 from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from owl2.config import IGNORE_INDEX, DataConfig, SourceConfig
+from owl2.config import IGNORE_INDEX, DataConfig
 from owl2.data import images as image_ops
-from owl2.data.readers import read
+from owl2.data.readers import list_files, read
 from owl2.data.sample import SkipStats, decode_messages
 
 ORDER_KEY = "order_key"
@@ -64,6 +83,83 @@ def order_key(seed: int, epoch: int, origin: str, copy: int) -> int:
     return int.from_bytes(digest, "big") >> 1  # non-negative int64
 
 
+def repeats(weight: float, seed: int, epoch: int, origin: str) -> int:
+    """How many copies of a sample an epoch holds: the whole part of its source's ``weight``, plus one more
+    if a deterministic, epoch-dependent coin falls under the fractional part."""
+    count, fraction = int(math.floor(weight)), weight % 1.0
+    if fraction and order_key(seed, epoch, origin, -1) / 2**63 < fraction:
+        count += 1
+    return count
+
+
+@dataclass(frozen=True)
+class Share:
+    """What one worker takes of one file in one epoch: the sample copies with ``key % parts == part``."""
+
+    epoch: int
+    part: int = 0
+    parts: int = 1
+
+
+def deal(files: list[str], seed: int, epoch: int, world_size: int, first_rank: int = 0) -> list[dict[str, Share]]:
+    """Per rank, the files it reads in ``epoch`` and its share of each (see the module docstring); the
+    dealing starts at ``first_rank``."""
+    parts = _parts(len(files), world_size)
+    # -2: a hash of its own, apart from the samples' copies (>= 0) and weight coins (-1).
+    order = sorted(files, key=lambda path: (order_key(seed, epoch, path, -2), path))
+    hands: list[dict[str, Share]] = [{} for _ in range(world_size)]
+    for unit in range(len(order) * parts):  # parts <= world_size: a file's parts go to different ranks
+        hands[(first_rank + unit) % world_size][order[unit // parts]] = Share(epoch, unit % parts, parts)
+    return hands
+
+
+def _parts(num_files: int, world_size: int) -> int:
+    """In how many parts each file of a source is dealt: the fewest that give every worker the same share,
+    or 1 when there are files enough for every worker."""
+    return 1 if num_files >= world_size else world_size // math.gcd(num_files, world_size)
+
+
+def worker_files(
+    listings: list[list[str]], seed: int, epochs: range, rank: int, world_size: int
+) -> list[dict[str, list[Share]]]:
+    """Per source (``listings``: each source's files), the files ``rank`` reads over ``epochs``, each with
+    its shares: ``{path: [Share, ...]}``, one share per epoch it is read in."""
+    plans: list[dict[str, list[Share]]] = [{} for _ in listings]
+    units = [len(files) * _parts(len(files), world_size) for files in listings]
+    for epoch in epochs:
+        first_rank = epoch * sum(units) % world_size  # where the deal of all earlier epochs stopped
+        for plan, files, dealt in zip(plans, listings, units, strict=True):
+            for path, share in deal(files, seed, epoch, world_size, first_rank)[rank].items():
+                plan.setdefault(path, []).append(share)
+            first_rank = (first_rank + dealt) % world_size
+    return plans
+
+
+@dataclass(frozen=True)
+class Copies:
+    """``flat_map``: one sample -> the copies of it in this worker's share, past the resume position.
+
+    ``shares`` maps each file this worker reads to its shares (:func:`worker_files`); a copy of an epoch
+    after ``first_epoch`` is always kept, one of ``first_epoch`` only when its key is above ``after_key``.
+    """
+
+    weight: float
+    seed: int
+    shares: dict[str, list[Share]]
+    first_epoch: int = 0
+    after_key: int = -1
+
+    def __call__(self, row: dict[str, Any]) -> list[dict[str, Any]]:
+        origin = row["origin"]
+        out = []
+        for share in self.shares[origin.rsplit(":", 1)[0]]:  # origin: "<file>:<row>"
+            for copy in range(repeats(self.weight, self.seed, share.epoch, origin)):
+                key = order_key(self.seed, share.epoch, origin, copy)
+                if key % share.parts == share.part and (share.epoch > self.first_epoch or key > self.after_key):
+                    out.append({**row, EPOCH: share.epoch, ORDER_KEY: key})
+        return out
+
+
 def samples(
     config: DataConfig,
     epoch: int = 0,
@@ -73,39 +169,21 @@ def samples(
     epochs: int = 1,
 ) -> ray.data.Dataset:
     """The raw samples one worker sees in epochs ``epoch`` to ``epoch + epochs - 1``, in order, starting after
-    ``after_key`` in the first."""
+    ``after_key`` in the first. Reads only this worker's files."""
     if not config.sources:
         raise ValueError("data.sources is empty: name at least one dataset")
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
-    passes = range(epoch, epoch + epochs)
-    parts = [_weighted(read(source), source, config.seed, passes) for source in config.sources]
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside a world of {world_size} workers")
+    listings = [list_files(source) for source in config.sources]
+    plans = worker_files(listings, config.seed, range(epoch, epoch + epochs), rank, world_size)
+    parts = [
+        read(source, sorted(plan)).flat_map(Copies(source.weight, config.seed, plan, epoch, after_key))
+        for source, plan in zip(config.sources, plans, strict=True)
+    ]
     dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
-    if world_size > 1 or after_key >= 0:
-        # numpy, not a Ray expression: expressions evaluate in float64 and the keys use 63 bits.
-        def keep(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-            keys = batch[ORDER_KEY]
-            chosen = (keys % world_size == rank) & ((keys > after_key) | (batch[EPOCH] > epoch))
-            return {name: column[chosen] for name, column in batch.items()}
-
-        dataset = dataset.map_batches(keep, batch_format="numpy")
     return dataset.sort([EPOCH, ORDER_KEY])
-
-
-def _weighted(dataset: ray.data.Dataset, source: SourceConfig, seed: int, epochs: range) -> ray.data.Dataset:
-    whole, fraction = int(math.floor(source.weight)), source.weight % 1.0
-
-    def copies(row: dict[str, Any]) -> list[dict[str, Any]]:
-        out = []
-        for epoch in epochs:
-            count = whole
-            if fraction:
-                # A deterministic, epoch-dependent coin decides the fractional copy.
-                count += order_key(seed, epoch, row["origin"], -1) / 2**63 < fraction
-            out += [{**row, EPOCH: epoch, ORDER_KEY: order_key(seed, epoch, row["origin"], c)} for c in range(count)]
-        return out
-
-    return dataset.flat_map(copies)
 
 
 class Tokenize:

@@ -11,6 +11,9 @@ Every reader reads whole files as bytes with Ray Data (local paths or any URI py
 instead of failing the dataset, and every sample gets a unique ``origin`` (``file:row``) from which the
 deterministic order is derived. A file that cannot be parsed at all (a truncated JSON array, a corrupt
 tar) fails the read with an error naming the file.
+
+:func:`list_files` names a source's files without reading them, and :func:`read` can read a chosen few of
+them: a training worker reads only its own share (``pipeline.py``).
 """
 
 from __future__ import annotations
@@ -38,30 +41,44 @@ _IMAGE_BYTES_COLUMNS = ("image_bytes", "jpg", "jpeg", "png", "webp", "bytes")
 _CAPTION_COLUMNS = ("caption", "text", "txt")
 
 
-def read(source: SourceConfig, override_num_blocks: int | None = None) -> ray.data.Dataset:
-    """The samples of one source, in file order."""
-    parsers: dict[str, Callable[[bytes, str, SourceConfig], Iterator[dict[str, Any]]]] = {
-        "llava": _parse_llava_file,
-        "captions": _parse_caption_file,
-        "webdataset": _parse_webdataset_file,
-    }
-    parse = parsers[source.format]
-    paths = [source.path] if isinstance(source.path, str) else list(source.path)
-    if override_num_blocks is None and all(_is_data_file(path, source.format) for path in paths):
-        # Files named one by one: one read task each. Left to Ray, a file (one row: its bytes) is "split" into
-        # 2 x CPUs blocks, which keeps the parsing out of the read task: one more task to start.
-        override_num_blocks = len(paths)
-    files = ray.data.read_binary_files(
-        source.path,
+def read(source: SourceConfig, files: list[str] | None = None) -> ray.data.Dataset:
+    """The samples of one source, in file order: of all its files, or only of ``files`` (from
+    :func:`list_files`)."""
+    parse = PARSERS[source.format]  # looked up here, in the driver: the tasks take this very function
+    if files is not None:
+        paths = [_with_scheme(path, source) for path in files]
+    else:
+        paths = [source.path] if isinstance(source.path, str) else list(source.path)
+    # Files named one by one: one read task each. Left to Ray, a file (one row: its bytes) is "split" into
+    # 2 x CPUs blocks, which keeps the parsing out of the read task: one more task to start.
+    named = all(_is_data_file(path, source.format) for path in paths)
+    files_read = ray.data.read_binary_files(
+        paths,
         include_paths=True,
         file_extensions=list(FILE_EXTENSIONS[source.format]),
-        override_num_blocks=override_num_blocks,
+        override_num_blocks=len(paths) if named else None,
     )
 
-    def parse_file(row: dict[str, Any]) -> list[dict[str, Any]]:
+    def parse_row(row: dict[str, Any]) -> list[dict[str, Any]]:
         return list(parse(row["bytes"], row["path"], source))
 
-    return files.flat_map(parse_file)
+    return files_read.flat_map(parse_row)
+
+
+def list_files(source: SourceConfig) -> list[str]:
+    """The data files of a source (folders expanded, hidden files left out), sorted, named as the samples'
+    ``origin`` names them (a URI without its scheme). Lists, reads nothing."""
+    extensions = list(FILE_EXTENSIONS[source.format])
+    try:
+        files = ray.data.read_binary_files(source.path, include_paths=True, file_extensions=extensions).input_files()
+    except ValueError as error:  # Ray's, e.g. when no file has one of the extensions
+        raise ValueError(f"data source {source.label!r} ({source.path}): {error}") from error
+    return sorted(files)
+
+
+def parse_file(data: bytes, path: str, source: SourceConfig) -> Iterator[dict[str, Any]]:
+    """The samples of one file's bytes, in file order (what :func:`read` does in its tasks)."""
+    return PARSERS[source.format](data, path, source)
 
 
 # ------------------------------------------------------------------------------------------------ LLaVA
@@ -210,7 +227,22 @@ def webdataset_sample(key: str, parts: dict[str, bytes], path: str, row: int, so
     return caption_sample({"id": key, "caption": caption, "image_bytes": image}, path, row, source)
 
 
+# The parser of each format: ``(file bytes, file path, source) -> samples``.
+PARSERS: dict[str, Callable[[bytes, str, SourceConfig], Iterator[dict[str, Any]]]] = {
+    "llava": _parse_llava_file,
+    "captions": _parse_caption_file,
+    "webdataset": _parse_webdataset_file,
+}
+
+
 # ------------------------------------------------------------------------------------------------ helpers
+
+
+def _with_scheme(path: str, source: SourceConfig) -> str:
+    """A listed path as a URI again: Ray names ``s3://bucket/key`` as ``bucket/key``."""
+    first = source.path if isinstance(source.path, str) else source.path[0]
+    scheme = first.split("://", 1)[0] if "://" in first else ""
+    return f"{scheme}://{path}" if scheme and "://" not in path else path
 
 
 def _is_data_file(path: str, data_format: str) -> bool:
