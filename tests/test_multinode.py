@@ -65,7 +65,7 @@ def _experiment(root: Path, name: str, *overrides: str):
 
 def _world(root: Path) -> None:
     """The shapes world, its training captions split into ``FILES`` files (dealt 2 to each worker)."""
-    from owl2.data.synth import generate_world
+    from owl2.data.world import generate_world
 
     generate_world(root / "data" / "shapes_world", seed=0, num_train=FILES * ROWS_PER_FILE, num_heldout=4)
     lines = (root / "data" / "shapes_world" / "captions" / "train.jsonl").read_text().splitlines()
@@ -84,6 +84,7 @@ def _scenario(root: Path) -> dict:
 
     from owl2.data.pipeline import samples
     from owl2.runtime import ensure_ray
+    from owl2.train.faults import Fault, write_plan
     from owl2.train.trainer import run_experiment
 
     _world(root)
@@ -106,8 +107,8 @@ def _scenario(root: Path) -> dict:
     threading.Thread(target=lose_a_worker_node, daemon=True).start()
     interrupted_by = None
     try:  # after its checkpoint of step 2 the run waits (delay_s) until the node is gone
-        crash = {"_crash_once": {"step": 2, "marker": str(marker), "delay_s": 300.0}}
-        run_experiment(_experiment(root, "two-nodes", "max_failures=0"), stages=["stage1"], progress=False, **crash)
+        write_plan(root / "runs", [Fault(run="two-nodes-stage1", step=2, marker=str(marker), delay_s=300.0)])
+        run_experiment(_experiment(root, "two-nodes", "max_failures=0"), stages=["stage1"], progress=False)
     except ray.train.TrainingFailedError as error:
         interrupted_by = type(error).__name__
     experiment = _experiment(root, "two-nodes")

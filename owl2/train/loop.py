@@ -7,9 +7,9 @@ Ray-specific lines are marked ``# Ray``. The driver hands each worker a :class:`
 * :meth:`StageRun.after_step`: the logging window's metrics, validation (``val_loss``), the checkpoint
   evaluation (rank 0), then a checkpoint or a plain report.
 
-Each worker builds its own shard of the Ray Data pipeline (:class:`ShardStream`): the shard and its order
-are functions of the seed and epoch, so a restart continues exactly after the last sample a checkpoint
-recorded.
+Each worker builds its own shard of the Ray Data pipeline (:class:`ShardStream`), reading only its own files:
+the shard and its order are functions of the seed, the epoch and the world size, so a restart continues
+exactly after the last sample a checkpoint recorded.
 """
 
 from __future__ import annotations
