@@ -208,6 +208,9 @@ def ray_cluster():
 
     if not ray.is_initialized():
         ray.init(
+            # Always a fresh cluster of the session's own: without an address, Ray joins the cluster that
+            # /tmp/ray/ray_current_cluster names (left by another session, or already gone).
+            address="local",
             num_cpus=2,
             object_store_memory=256 * 1024 * 1024,
             include_dashboard=False,

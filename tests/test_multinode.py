@@ -31,7 +31,7 @@ def test_a_stage_resumes_exactly_after_losing_a_node(tmp_path):
     assert child.returncode == 0, child.stdout[-2000:] + child.stderr[-4000:]
     report = json.loads(child.stdout.strip().splitlines()[-1])
     # Losing a node that held a worker ended the first run; the resumed run had the head and two nodes.
-    assert report["lost_a_worker_node"] and report["interrupted_by"] == "TrainingFailedError"
+    assert report["lost_a_worker_node"] and report["interrupted"], report["interrupted_by"]
     assert report["alive_nodes"] == 3
     state = report["state"]
     assert state["step"] == 4 and state["resumed_at"] == [2]
@@ -105,12 +105,12 @@ def _scenario(root: Path) -> dict:
         cluster.remove_node(lost[0], allow_graceful=False)
 
     threading.Thread(target=lose_a_worker_node, daemon=True).start()
-    interrupted_by = None
+    interrupted_by, interrupted = None, False
     try:  # after its checkpoint of step 2 the run waits (delay_s) until the node is gone
         write_plan(root / "runs", [Fault(run="two-nodes-stage1", step=2, marker=str(marker), delay_s=300.0)])
         run_experiment(_experiment(root, "two-nodes", "max_failures=0"), stages=["stage1"], progress=False)
-    except ray.train.TrainingFailedError as error:
-        interrupted_by = type(error).__name__
+    except ray.train.TrainingFailedError as error:  # a WorkerGroupError or ControllerError
+        interrupted_by, interrupted = type(error).__name__, True
     experiment = _experiment(root, "two-nodes")
     result = run_experiment(experiment, stages=["stage1"], progress=False)[0]
     data = experiment.stages["stage1"].data
@@ -119,6 +119,7 @@ def _scenario(root: Path) -> dict:
     alive = [node["NodeID"] for node in ray.nodes() if node["Alive"]]
     return {
         "interrupted_by": interrupted_by,
+        "interrupted": interrupted,
         "lost_a_worker_node": len(lost) == 1 and lost[0].node_id not in alive,
         "alive_nodes": len(alive),
         "state": state,
@@ -127,4 +128,7 @@ def _scenario(root: Path) -> dict:
 
 
 if __name__ == "__main__":
-    print(json.dumps(_scenario(Path(sys.argv[1]))))
+    print(json.dumps(_scenario(Path(sys.argv[1]))), flush=True)
+    # The report is out; tearing down a cluster that lost a node can fail in Ray's exit handlers, which would
+    # turn a finished scenario into a non-zero exit status.
+    os._exit(0)
