@@ -10,7 +10,7 @@ import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from owl2.config import (
     DATA_FORMATS,
@@ -24,10 +24,19 @@ from owl2.config import (
     build,
     to_dict,
 )
+from owl2.errors import StageFailed
 from owl2.tables import Column, format_table
 
 # Exit code for a bad command line or configuration, as argparse uses for usage errors.
 USAGE_ERROR = 2
+RUN_FAILED = 1
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with its usage errors on one line (the usage is one ``--help`` away)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(USAGE_ERROR, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -40,6 +49,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (ConfigError, FileNotFoundError) as error:
         print(f"owl2: error: {error}", file=sys.stderr)
         return USAGE_ERROR
+    except StageFailed as error:  # the cause is in the message; the traceback would bury it
+        print(f"owl2: error: {error}", file=sys.stderr)
+        return RUN_FAILED
 
 
 def _quiet_mlflow() -> None:
@@ -48,7 +60,7 @@ def _quiet_mlflow() -> None:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="owl2", description=__doc__.splitlines()[0])
+    parser = Parser(prog="owl2", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_run_commands(commands)
     _add_model_commands(commands)
@@ -172,7 +184,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def job_entrypoint(description: str, add_arguments: Any, run: Any, argv: Sequence[str] | None = None) -> int:
     """``main`` of a ``ray_jobs/`` script: the CLI command's options and behaviour, as a standalone program."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = Parser(description=description)
     add_arguments(parser)
     _quiet_mlflow()
     try:
@@ -180,6 +192,9 @@ def job_entrypoint(description: str, add_arguments: Any, run: Any, argv: Sequenc
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return USAGE_ERROR
+    except StageFailed as error:
+        print(f"error: {error}", file=sys.stderr)
+        return RUN_FAILED
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -312,6 +327,7 @@ def _data_synth(args: argparse.Namespace) -> int:
 def _data_stats(args: argparse.Namespace) -> int:
     import json
 
+    from owl2.data.preflight import first_problem
     from owl2.data.stats import dataset_stats
     from owl2.runtime import ensure_ray
 
@@ -330,6 +346,11 @@ def _data_stats(args: argparse.Namespace) -> int:
         },
         "data",
     )
+    problem = first_problem(config)
+    if problem is not None:
+        key, message = problem
+        option = {"tokenizer": "--tokenizer"}.get(key, "--image-root" if key.endswith("image_root") else "--path")
+        raise ConfigError(f"{option} {message}")
     tokens_per_image = ModelConfig.from_preset(args.preset).tokens_per_image
     ensure_ray()
     print(json.dumps(dataset_stats(config, tokens_per_image), indent=2))

@@ -38,7 +38,7 @@ def run_demo(
     eval_limit: int | None = None,
 ) -> dict[str, Any]:
     """Run the demo into ``out``; returns (and writes to ``out/summary.json``) the headline numbers."""
-    from owl2.config import load_experiment
+    from owl2.config import ConfigError, load_experiment
     from owl2.data.world import generate_world
     from owl2.eval.runner import run_eval
     from owl2.eval.suite import Suite
@@ -47,12 +47,16 @@ def run_demo(
 
     start = time.perf_counter()
     out = Path(out).resolve()
+    settings = [f"storage_path={out / 'runs'}", *(QUICK if quick else []), *(overrides or [])]
+    experiment = resolve_paths(load_experiment(EXPERIMENTS / "tiny_cpu" / "pipeline.yaml", settings), base=out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise ConfigError(f"--out {out}: cannot create it ({error.strerror})") from None
     world = out / "data" / "shapes_world"
     print(f"[demo] writing the synthetic shapes world to {world}", flush=True)
     generate_world(world, seed=0, num_train=train_images, num_heldout=heldout_images)
 
-    settings = [f"storage_path={out / 'runs'}", *(QUICK if quick else []), *(overrides or [])]
-    experiment = resolve_paths(load_experiment(EXPERIMENTS / "tiny_cpu" / "pipeline.yaml", settings), base=out)
     name = experiment.name
     print(
         f"[demo] training {name}: {', '.join(experiment.stages)} on {experiment.resources.num_workers} workers",

@@ -11,6 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from owl2.config import load_experiment
+from owl2.errors import StageFailed
 from owl2.model.vision import resample_position_embedding
 from owl2.train.faults import Fault, write_plan
 from owl2.train.trainer import run_experiment
@@ -146,10 +147,30 @@ def test_resume_equals_an_uninterrupted_run(ray_cluster, world, tmp_path):
         torch.testing.assert_close(ours[key], reference[key], atol=1e-6, rtol=1e-5, msg=key)
 
 
-def test_a_killed_worker_restarts_from_its_checkpoint_and_finishes(ray_cluster, world, tmp_path):
+def test_a_killed_worker_restarts_from_its_checkpoint_and_finishes(ray_cluster, world, tmp_path, capsys):
     write_plan(world / "runs", [Fault(run="killed-stage1", step=2, marker=str(tmp_path / "killed"))])
     result = run_experiment(_experiment(world, "killed", "max_failures=1"), stages=["stage1"])[0]
     assert (tmp_path / "killed").exists()
+    # The terminal says what happened and where the stage goes on from.
+    assert "[stage1] worker 0 lost (its process or node died): resuming from step 2 (restart 1 of 1)" in (
+        capsys.readouterr().out
+    )
     state = _state(result)
     assert state["step"] == 4 and state["resumed_at"] == [2]
     assert result.metrics["step"] == 4
+
+
+def test_data_that_is_all_bad_ends_the_stage_at_once_without_restarts(ray_cluster, world, tmp_path, capsys):
+    """An error a restart would only repeat (here: too many bad records) is not retried, whatever max_failures."""
+    empty_root = tmp_path / "no-images-here"
+    empty_root.mkdir()
+    experiment = _experiment(
+        world,
+        "all-bad",
+        "max_failures=2",
+        f"stages.stage1.data.sources.0.image_root={empty_root}",
+        "stages.stage1.data.min_records_for_check=8",
+    )
+    with pytest.raises(StageFailed, match=r"stage stage1 failed, not retried: worker 0: .*missing_file"):
+        run_experiment(experiment, stages=["stage1"])
+    assert "resuming" not in capsys.readouterr().out

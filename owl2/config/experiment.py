@@ -161,5 +161,10 @@ def load_experiment(path: str | Path, overrides: list[str] | None = None) -> Exp
     data["stages"] = {
         name: load_yaml(path.parent / stage) if isinstance(stage, str) else stage for name, stage in stages.items()
     }
-    data = merge(data, parse_overrides(overrides or []))
-    return build(ExperimentConfig, data)
+    update = parse_overrides(overrides or [])
+    unknown = [name for name in update.get("stages") or {} if name not in data["stages"]]
+    if unknown:
+        raise ConfigError(
+            f"unknown stage {unknown[0]!r} in the overrides (stages: {', '.join(data['stages']) or 'none'})"
+        )
+    return build(ExperimentConfig, merge(data, update))

@@ -111,30 +111,70 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
             raise ConfigError(f"override {item!r} must look like section.field=value")
         node = result
         parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override {item!r} has an empty key part")
         for part in parts[:-1]:
             node = node.setdefault(part, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override {item!r} sets a field below {part!r}, which is a value")
-        node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError as error:
+            raise ConfigError(f"override {item!r}: the value is {_yaml_problem(error)}") from None
     return result
 
 
-def merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
-    """Recursive dict merge; ``update`` wins."""
+def merge(base: dict[str, Any], update: dict[str, Any], where: str = "") -> dict[str, Any]:
+    """Recursive dict merge; ``update`` wins. A list in ``base`` takes updates by index (``sources.0.path``
+    from an override), so an override can reach one item without restating the list."""
     merged = dict(base)
     for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = merge(merged[key], value)
+        current, full = merged.get(key), _join(where, str(key))
+        if isinstance(value, dict) and isinstance(current, dict):
+            merged[key] = merge(current, value, full)
+        elif isinstance(value, dict) and isinstance(current, list) and value and all(_is_index(k) for k in value):
+            merged[key] = _merge_items(current, value, full)
         else:
             merged[key] = value
     return merged
 
 
+def _is_index(key: Any) -> bool:
+    return isinstance(key, int) or (isinstance(key, str) and key.isdigit())
+
+
+def _merge_items(items: list[Any], update: dict[Any, Any], where: str) -> list[Any]:
+    merged = list(items)
+    for key, value in update.items():
+        index = int(key)
+        if index >= len(merged):
+            raise ConfigError(f"{where}.{index}: {where} has {len(merged)} item(s), indices 0-{len(merged) - 1}")
+        item = merged[index]
+        both_mappings = isinstance(value, dict) and isinstance(item, dict)
+        merged[index] = merge(item, value, f"{where}.{index}") if both_mappings else value
+    return merged
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
+    """A YAML file's top-level mapping; a missing file or a syntax error is a one-line :class:`ConfigError`."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"config file {path} does not exist")
-    data = yaml.safe_load(path.read_text()) or {}
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: {_yaml_problem(error)}") from None
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {error.start})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path} must hold a mapping at the top level")
     return data
+
+
+def _yaml_problem(error: yaml.YAMLError) -> str:
+    """``invalid YAML at line 3, column 12: expected ',' or '}', but got '<stream end>'`` (lines counted from 1)."""
+    mark = getattr(error, "problem_mark", None)
+    problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+    if mark is None:
+        return f"invalid YAML: {problem}"
+    return f"invalid YAML at line {mark.line + 1}, column {mark.column + 1}: {problem}"

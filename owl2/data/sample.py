@@ -28,6 +28,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from owl2.errors import Unrecoverable
+
 SAMPLE_COLUMNS = ("id", "origin", "source", "task", "messages", "images", "image_bytes", "error", "detail")
 
 TASKS = ("chat", "caption")
@@ -81,7 +83,7 @@ def make_sample(
     }
 
 
-class TooManyBadRecords(RuntimeError):
+class TooManyBadRecords(Unrecoverable):
     """The fraction of skipped records passed the configured limit."""
 
 

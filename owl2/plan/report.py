@@ -195,6 +195,7 @@ def plan_experiment(
     text_tokens: int | None = None,
 ) -> dict[str, StagePlan]:
     """Every stage's plan; ``gpu``/``gpu_memory_gib`` override ``resources.gpu``."""
+    _gpu_memory(experiment, gpu, gpu_memory_gib)  # a wrong GPU is reported before any model is built
     return {name: plan_stage(experiment, name, gpu, gpu_memory_gib, text_tokens) for name in experiment.stages}
 
 

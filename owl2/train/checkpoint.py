@@ -20,6 +20,8 @@ from typing import Any
 
 import torch
 
+from owl2.errors import Unrecoverable
+
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
 SCHEDULER_FILE = "scheduler.pt"
@@ -74,7 +76,7 @@ class TrainState:
         if not self.last_keys:
             return DataPosition()
         if len(self.last_keys) != world_size:
-            raise ValueError(
+            raise Unrecoverable(
                 f"the checkpoint of stage {self.stage!r} was written by {len(self.last_keys)} workers; resuming "
                 f"with {world_size} would repeat or skip data. Resume with resources.num_workers="
                 f"{len(self.last_keys)}, or start the stage afresh under a new run name"

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from owl2.config import ModelConfig, ModelInitConfig, ResourcesConfig
 from owl2.data.pipeline import Batch, Collator, encoded, iterate
 from owl2.data.sample import SkipStats
+from owl2.errors import Unrecoverable
 from owl2.plan.flops import FlopModel
 from owl2.plan.gpus import peak_tflops
 from owl2.train import checkpoint as ckpt
@@ -146,7 +147,7 @@ class ShardStream:
                 current.rows += len(batch.ids)
                 yield batch
             if not current.rows and fresh:
-                raise RuntimeError(
+                raise Unrecoverable(
                     f"stage {self.job.stage_name}: worker {self.rank} got no usable sample from its data shard"
                 )
             self._next_pass()
@@ -270,7 +271,7 @@ class StageRun:
     def _count_nonfinite(self) -> None:
         self.state.nonfinite_steps += 1
         if self.state.nonfinite_steps > self.stage.max_nonfinite_steps:
-            raise FloatingPointError(
+            raise Unrecoverable(
                 f"stage {self.job.stage_name}: {self.state.nonfinite_steps} steps had a NaN/inf loss (limit "
                 f"{self.stage.max_nonfinite_steps}); lower the learning rate or check the data"
             )

@@ -57,6 +57,17 @@ def resolve_paths(experiment: ExperimentConfig, base: Path | None = None) -> Exp
     return experiment
 
 
+def check_stage_data(experiment: ExperimentConfig, stages: list[str] | None = None) -> None:
+    """Every local data path, image root and tokenizer a stage names must exist: checked before Ray starts."""
+    from owl2.data.preflight import check_data
+
+    for name, stage in experiment.stages.items():
+        if not stages or name in stages:
+            check_data(stage.data, f"stages.{name}.data")
+            if stage.validation is not None:
+                check_data(stage.validation.data, f"stages.{name}.validation.data")
+
+
 def check_tokenizers(experiment: ExperimentConfig) -> None:
     """The model's vocabulary must cover every stage's tokenizer: checked before any worker starts."""
     from owl2.config import ModelConfig
@@ -136,6 +147,7 @@ def run_experiment(
     unknown = [name for name in stages or [] if name not in experiment.stages]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; the experiment defines {list(experiment.stages)}")
+    check_stage_data(experiment, stages)
     check_tokenizers(experiment)
     check_memory_plan(experiment, stages)
     check_init_from(experiment, stages)
@@ -187,11 +199,10 @@ def run_stage(
     """One stage as a ``TorchTrainer`` run named ``<experiment>-<stage>`` (re-running it resumes it);
     ``progress`` is the queue that carries the rank-0 worker's progress lines to this terminal."""
     import ray.train
-    from ray.train.torch import TorchTrainer
 
     from owl2.tracking import data_fingerprint, run_tags
     from owl2.train.job import StageJob
-    from owl2.train.loop import train_stage
+    from owl2.train.retry import fit_with_restarts
 
     stage = experiment.stages[name]
     run_id = tracker.start_run(
@@ -210,10 +221,6 @@ def run_stage(
             "init_from": init_from or "",
         },
     )
-    resources = experiment.resources
-    per_worker = {"CPU": resources.cpus_per_worker}
-    if resources.use_gpu:
-        per_worker["GPU"] = resources.gpus_per_worker
     job = StageJob(
         experiment=experiment,
         stage_name=name,
@@ -223,22 +230,15 @@ def run_stage(
         run_id=run_id,
         progress=progress,
     )
-    trainer = TorchTrainer(
-        train_stage,
-        train_loop_config={"job": job},
-        scaling_config=ray.train.ScalingConfig(  # Ray
-            num_workers=resources.num_workers, use_gpu=resources.use_gpu, resources_per_worker=per_worker
-        ),
-        run_config=ray.train.RunConfig(  # Ray
-            name=job.run_name,
-            storage_path=experiment.storage_path,
-            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
-            failure_config=ray.train.FailureConfig(max_failures=experiment.max_failures),
-            callbacks=callbacks or [],
-        ),
-    )
     try:
-        result = trainer.fit()  # Ray
+        result = fit_with_restarts(
+            lambda: stage_trainer(job, callbacks).fit(),  # Ray
+            name,
+            experiment.max_failures,
+            experiment.storage_path,
+            job.run_name,
+            say=lambda line: print(line, flush=True),
+        )
     except BaseException:
         tracker.end_run(run_id, "FAILED")
         raise
@@ -247,3 +247,31 @@ def run_stage(
     tracker.set_tags(run_id, {"owl2.checkpoint": result.checkpoint.path})
     tracker.end_run(run_id, "FINISHED")
     return StageResult(name, result.checkpoint, dict(result.metrics or {}), run_id)
+
+
+def stage_trainer(job: Any, callbacks: list[Any] | None = None) -> Any:
+    """The stage's ``TorchTrainer``; its run name makes a second ``fit()`` resume from the last checkpoint."""
+    import ray.train
+    from ray.train.torch import TorchTrainer
+
+    from owl2.train.loop import train_stage
+
+    resources = job.experiment.resources
+    per_worker = {"CPU": resources.cpus_per_worker}
+    if resources.use_gpu:
+        per_worker["GPU"] = resources.gpus_per_worker
+    return TorchTrainer(
+        train_stage,
+        train_loop_config={"job": job},
+        scaling_config=ray.train.ScalingConfig(  # Ray
+            num_workers=resources.num_workers, use_gpu=resources.use_gpu, resources_per_worker=per_worker
+        ),
+        run_config=ray.train.RunConfig(  # Ray
+            name=job.run_name,
+            storage_path=job.experiment.storage_path,
+            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2),
+            # Restarts are the driver's (owl2.train.retry): it knows which errors a restart cannot fix.
+            failure_config=ray.train.FailureConfig(max_failures=0),
+            callbacks=callbacks or [],
+        ),
+    )

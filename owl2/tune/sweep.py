@@ -62,7 +62,24 @@ def load_sweep(path: str | Path, overrides: list[str] | None = None) -> tuple[Sw
                 apply_sample(base, {key: value})
             except ConfigError as error:
                 raise ConfigError(f"space.{key}={value!r} does not fit the experiment: {error}") from error
+    check_metric(sweep, base)
     return sweep, base
+
+
+def check_metric(sweep: SweepConfig, base: ExperimentConfig) -> None:
+    """The metric must be one the trials' stages report, or Tune fails the first trial only after it started."""
+    if sweep.metric not in ("loss", "val_loss") and not sweep.metric.startswith("eval/"):
+        raise ConfigError(
+            f"sweep metric {sweep.metric!r} is not reported by training: use val_loss (needs a validation section "
+            "in every swept stage), loss, or an eval/... metric of a stage's eval suite"
+        )
+    if sweep.metric == "val_loss":
+        _, trial_stages = plan_stages(sweep, base)
+        missing = [name for name in trial_stages if base.stages[name].validation is None]
+        if missing:
+            raise ConfigError(
+                f"sweep metric val_loss needs stages.{missing[0]}.validation (the stage reports no val_loss)"
+            )
 
 
 def apply_sample(base: ExperimentConfig, sample: dict[str, Any]) -> ExperimentConfig:
