@@ -55,6 +55,9 @@ class ResourcesConfig:
     """Dense bf16 peak per GPU in TFLOP/s, overriding the GPU table's."""
     ignore_memory_plan: bool = False
     """Start stages that the memory plan says do not fit (for experts who know better)."""
+    stall_warning_s: float = 120.0
+    """Say what the run waits for once Ray has left a task, actor or placement group unscheduled this long for
+    lack of resources (0: never)."""
 
     def __post_init__(self) -> None:
         from owl2.plan.gpus import GPUS  # a plain table: imports nothing of owl2
@@ -65,6 +68,7 @@ class ResourcesConfig:
             one_of(self.gpu, list(GPUS), "resources.gpu")
         if self.peak_tflops is not None:
             positive(self.peak_tflops, "resources.peak_tflops")
+        at_least(self.stall_warning_s, 0, "resources.stall_warning_s")
 
 
 @dataclasses.dataclass

@@ -140,6 +140,7 @@ def run_experiment(
     ``progress`` prints the rank-0 worker's progress lines here.
     """
     from owl2.runtime import ensure_ray
+    from owl2.stall import StallWatchdog
     from owl2.tracking import Tracker, resolve_tracking_uri, run_tags
     from owl2.train.progress import ProgressPrinter
 
@@ -169,8 +170,12 @@ def run_experiment(
 
     results: list[StageResult] = []
     previous = None
+    say = lambda line: print(line, flush=True)  # noqa: E731
     try:
-        with ProgressPrinter() if progress else nullcontext() as printer:
+        with (
+            ProgressPrinter() if progress else nullcontext() as printer,
+            StallWatchdog(experiment.resources.stall_warning_s if progress else 0, say),
+        ):
             for name, stage in experiment.stages.items():
                 if stages and name not in stages:
                     continue

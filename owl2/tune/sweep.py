@@ -169,6 +169,7 @@ def run_sweep(sweep: SweepConfig, base: ExperimentConfig) -> list[TrialSummary]:
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     from owl2.runtime import ensure_ray
+    from owl2.stall import StallWatchdog
     from owl2.tracking import Tracker, resolve_tracking_uri, run_tags
     from owl2.train.trainer import resolve_paths, run_experiment
 
@@ -240,7 +241,8 @@ def run_sweep(sweep: SweepConfig, base: ExperimentConfig) -> list[TrialSummary]:
                 failure_config=tune.FailureConfig(max_failures=sweep.trial_max_failures),
             ),
         )
-    grid = tuner.fit()  # Ray
+    with StallWatchdog(base.resources.stall_warning_s, lambda line: print(line, flush=True)):
+        grid = tuner.fit()  # Ray
     summaries = _summarise(grid, sweep, base)
     _record(tracker, parent, sweep, base, summaries, path)
     return summaries
