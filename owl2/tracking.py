@@ -110,14 +110,20 @@ def _sqlite_artifact_root(tracking_uri: str) -> Path | None:
 # --------------------------------------------------------------------------------------------------
 
 _SECRET_WORDS = frozenset(
-    {"token", "secret", "secrets", "password", "passwd", "pwd", "key", "apikey", "credential", "credentials"}
-)
+    {
+        "token", "secret", "secrets", "password", "passwd", "pwd", "passphrase", "key", "apikey", "credential",
+        "credentials", "auth", "authorization", "bearer", "cookie", "sig",
+    }
+)  # fmt: skip
 # scheme://user:password@host -> scheme://***@host (a lone user name may be a token too, as in https://TOKEN@host).
 _URI_USERINFO = re.compile(r"\b([a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@\s]+@")
 # Pre-signed URLs and the like carry credentials in the query string.
 _SECRET_QUERY = re.compile(
-    r"([?&][^=&#\s]*(?:token|secret|password|signature|credential|key)[^=&#\s]*=)[^&#\s]+", re.IGNORECASE
+    r"([?&](?:sig|[^=&#\s]*(?:token|secret|password|passwd|signature|credential|key|auth))[^=&#\s]*=)[^&#\s]+",
+    re.IGNORECASE,
 )
+# HTTP credentials pasted into a value or a line: "Authorization: Bearer eyJ...", "Basic dXNlcjpwYXNz".
+_AUTH_SCHEME = re.compile(r"\b(Bearer|Basic|Token)\s+[A-Za-z0-9\-._~+/]{8,}=*", re.IGNORECASE)
 _TEXT_ASSIGNMENT = re.compile(r"^(\s*(?:-\s+)?(?:export\s+)?[\"']?([\w.\-]+)[\"']?\s*[:=]\s*)(\S.*?)\s*$")
 
 
@@ -132,7 +138,7 @@ def is_secret_key(key: str) -> bool:
 def redact_text(text: str) -> str:
     """Credentials in URIs removed from free text, and ``key: value`` / ``KEY=value`` lines whose key names a
     secret (YAML, env files) blanked."""
-    text = _SECRET_QUERY.sub(rf"\1{REDACTED}", _URI_USERINFO.sub(rf"\1{REDACTED}@", text))
+    text = _scrub(text)
     lines = []
     for line in text.splitlines(keepends=True):
         body = line.rstrip("\r\n")
@@ -141,6 +147,13 @@ def redact_text(text: str) -> str:
             line = match.group(1) + REDACTED + line[len(body) :]
         lines.append(line)
     return "".join(lines)
+
+
+def _scrub(text: str) -> str:
+    """Credentials inside free text: URI user info, secret query parameters, HTTP authorization values."""
+    text = _URI_USERINFO.sub(rf"\1{REDACTED}@", text)
+    text = _SECRET_QUERY.sub(rf"\1{REDACTED}", text)
+    return _AUTH_SCHEME.sub(rf"\1 {REDACTED}", text)
 
 
 def _is_literal(value: str) -> bool:
@@ -166,7 +179,7 @@ def redact(value: Any, key: str = "") -> Any:
     if isinstance(value, str):
         if value and key and is_secret_key(key):
             return REDACTED
-        return _SECRET_QUERY.sub(rf"\1{REDACTED}", _URI_USERINFO.sub(rf"\1{REDACTED}@", value))
+        return _scrub(value)
     if isinstance(value, bytes) and key and is_secret_key(key):
         return REDACTED
     return value

@@ -268,13 +268,19 @@ def test_run_context_marks_failures(tracker: Tracker):
 
 
 @pytest.mark.parametrize(
-    "key", ["hf_token", "HF_TOKEN", "apiKey", "api_key", "aws_secret_access_key", "password", "db.passwd", "token"]
-)
+    "key",
+    [
+        "hf_token", "HF_TOKEN", "apiKey", "api_key", "aws_secret_access_key", "password", "db.passwd", "token",
+        "auth", "http_auth", "Authorization", "bearer", "sas_sig", "passphrase",
+    ],
+)  # fmt: skip
 def test_secret_keys(key):
     assert is_secret_key(key)
 
 
-@pytest.mark.parametrize("key", ["tokenizer", "tokenizer_actors", "max_new_tokens_x", "monkey", "keyframe", "name"])
+@pytest.mark.parametrize(
+    "key", ["tokenizer", "tokenizer_actors", "max_new_tokens_x", "monkey", "keyframe", "name", "author", "signal"]
+)
 def test_not_secret_keys(key):
     assert not is_secret_key(key)
 
@@ -305,6 +311,31 @@ def test_redact_text():
     text = "export HF_TOKEN=hf_abc\n  api_key: 'sk'\nmax_keys: 10\ntracking: http://a:b@h:1/x\ntokenizer: /m\n"
     expected = "export HF_TOKEN=***\n  api_key: ***\nmax_keys: 10\ntracking: http://***@h:1/x\ntokenizer: /m\n"
     assert redact_text(text) == expected
+
+
+def test_redact_finds_credentials_inside_values():
+    assert redact({"header": "Authorization: Bearer eyJhbGciOiJIUzI1NiJ9.e30.sig"}) == {
+        "header": "Authorization: Bearer ***"
+    }
+    assert redact("https://acct.blob.core.windows.net/c/x.tar?sv=2024&sig=Zm9vYmFy%3D&se=2027") == (
+        "https://acct.blob.core.windows.net/c/x.tar?sv=2024&sig=***&se=2027"
+    )
+    assert redact_text("curl -H 'Authorization: Basic dXNlcjpwYXNzd29yZA=='\nauth: hunter22\n") == (
+        "curl -H 'Authorization: Basic ***'\nauth: ***\n"
+    )
+
+
+def test_the_experiment_copy_in_checkpoints_holds_no_secrets():
+    from owl2.config import load_experiment
+    from owl2.train.trainer import experiment_yaml
+
+    experiment = load_experiment(
+        Path(__file__).resolve().parents[1] / "experiments" / "tiny_cpu" / "pipeline.yaml",
+        ["tracking.tracking_uri=https://owl:hunter22@mlflow.example.com", "storage_path=s3://runs?sig=c2VjcmV0"],
+    )
+    text = experiment_yaml(experiment)
+    assert "hunter22" not in text and "c2VjcmV0" not in text
+    assert "https://***@mlflow.example.com" in text and "s3://runs?sig=***" in text
 
 
 def test_flatten():

@@ -125,6 +125,14 @@ def check_init_from(experiment: ExperimentConfig, stages: list[str] | None = Non
             raise ConfigError(f"stages.{name}.init_from {path} {what}")
 
 
+def experiment_yaml(experiment: ExperimentConfig) -> str:
+    """The resolved experiment as YAML, as MLflow and every checkpoint keep it: secrets (a password in a tracking
+    URI, a signed URL) left out."""
+    from owl2.tracking import redact
+
+    return yaml.safe_dump(redact(to_dict(experiment)), sort_keys=False)
+
+
 def run_experiment(
     experiment: ExperimentConfig,
     stages: list[str] | None = None,
@@ -155,7 +163,7 @@ def run_experiment(
     check_evals(experiment, stages)
     ensure_ray()
 
-    config_yaml = yaml.safe_dump(to_dict(experiment), sort_keys=False)
+    config_yaml = experiment_yaml(experiment)
     tracking_uri = resolve_tracking_uri(experiment.tracking, experiment.storage_path)
     tracker = Tracker(tracking_uri)
     parent = tracker.start_run(

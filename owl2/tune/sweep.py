@@ -289,6 +289,8 @@ def _summarise(grid: Any, sweep: SweepConfig, base: ExperimentConfig) -> list[Tr
 def _record(
     tracker: Any, parent: str, sweep: SweepConfig, base: ExperimentConfig, summaries: list[TrialSummary], path: str
 ) -> None:
+    from owl2.tracking import redact
+
     rows = [summary.__dict__ for summary in summaries]
     tracker.log_dict(parent, {"metric": sweep.metric, "mode": sweep.mode, "trials": rows}, "summary.json")
     table = "\n".join(
@@ -317,7 +319,7 @@ def _record(
     if ranked:
         best = apply_sample(base, ranked[0].values)
         best.name = f"{sweep.name}-best"
-        best_yaml = yaml.safe_dump(to_dict(best), sort_keys=False)
+        best_yaml = yaml.safe_dump(redact(to_dict(best)), sort_keys=False)
         tracker.log_text(parent, best_yaml, "best.yaml")
         tracker.set_tags(parent, {"owl2.best_trial": ranked[0].trial_id})
         if "://" not in path:
