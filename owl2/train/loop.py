@@ -44,6 +44,7 @@ from owl2.train.optim import (
 )
 from owl2.train.parallel import unwrap
 from owl2.train.progress import emit
+from owl2.train.sender import TrackingSender
 from owl2.train.validate import HeldOut, should_validate
 from owl2.train.window import LogWindow, window_metrics
 
@@ -54,6 +55,8 @@ def train_stage(config: dict[str, Any]) -> None:
     while run.state.step < run.stage.max_steps:
         run.train_step()
         run.after_step()
+    if run.sender is not None:
+        run.sender.close()
 
 
 def initial_model(init: ModelInitConfig, seed: int) -> Any:
@@ -191,6 +194,8 @@ class StageRun:
         # Generation-based scores (stage.eval) on rank 0 only: the config refuses them under FSDP2.
         self.evaluator = CheckpointEval(self.stage) if self.stage.eval is not None and self.rank == 0 else None
         self.faults = FaultPlan.load(job.experiment.storage_path, job.run_name)
+        # Rank 0's MLflow calls run on a thread of their own: a tracking server that goes away never stops training.
+        self.sender = TrackingSender(lambda line: emit(job.progress, line)) if self.rank == 0 and job.run_id else None
         self.tracker = self._tracker()
 
     # ------------------------------------------------------------------ set-up
@@ -235,8 +240,9 @@ class StageRun:
         if self.state.step == 0:
             table = format_group_table(self.groups)
             emit(self.job.progress, f"[{self.job.stage_name}] parameter groups\n{table}")
-            tracker.log_dict(self.job.run_id, {"groups": group_table_rows(self.groups)}, "param_groups.json")
-            tracker.log_text(self.job.run_id, table, "param_groups.txt")
+            rows, run_id = group_table_rows(self.groups), self.job.run_id
+            self.sender.submit(lambda: tracker.log_dict(run_id, {"groups": rows}, "param_groups.json"))
+            self.sender.submit(lambda: tracker.log_text(run_id, table, "param_groups.txt"))
         return tracker
 
     # ------------------------------------------------------------------ one optimizer step
@@ -322,7 +328,8 @@ class StageRun:
         collective meanwhile."""
         outcome = self.evaluator.run(unwrap(self.wrapped), self.state.step, self.dtype)
         if self.tracker is not None:
-            log_outcome(self.tracker, self.job.run_id, outcome, self.stage.eval.suite)
+            tracker, run_id, suite = self.tracker, self.job.run_id, self.stage.eval.suite
+            self.sender.submit(lambda: log_outcome(tracker, run_id, outcome, suite))
         emit(self.job.progress, f"[{self.job.stage_name}] {outcome.headline}")
         return outcome.metrics
 
@@ -353,7 +360,8 @@ class StageRun:
 
         ray.train.report(metrics, checkpoint=checkpoint)  # Ray: a barrier; every worker calls it equally often
         if self.tracker is not None:
-            self.tracker.log_metrics(self.job.run_id, metrics, step=self.state.step)
+            tracker, run_id, step = self.tracker, self.job.run_id, self.state.step
+            self.sender.submit(lambda: tracker.log_metrics(run_id, metrics, step=step))
             self._print_progress(metrics)
 
     def _print_progress(self, metrics: dict[str, Any]) -> None:
