@@ -144,7 +144,7 @@ def _scenarios(rank: int, out: Path) -> None:
             with parallel.gradient_sync(wrapped, sync=micro == len(batches) - 1):
                 (wrapped(**batch, use_cache=False).loss / len(batches)).backward()
         grads = _gathered_grads(wrapped)
-        norm = parallel.clip_grad_norm(wrapped, OPTIM.grad_clip)
+        norm = float(parallel.clip_grad_norm(wrapped, OPTIM.grad_clip))
         optimizer.step()
         result = {
             "grads": grads,
