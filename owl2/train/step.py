@@ -46,7 +46,10 @@ class TrainStep:
         nonfinite_steps: int = 0,
     ) -> None:
         if not all(group.get("fused") for group in optimizer.param_groups):
-            raise ValueError("TrainStep needs a fused optimizer (fused=True): only it can skip a step on the device")
+            raise ValueError(
+                "TrainStep needs a fused AdamW (fused=True, as build_optimizer makes it): only it skips a step on "
+                "the device (an optimizer state saved by a non-fused optimizer turns fused off when loaded)"
+            )
         self.model, self.optimizer = model, optimizer
         self.accumulation, self.grad_clip = accumulation, grad_clip
         self.device, self.dtype = device, dtype
