@@ -2,6 +2,7 @@
 
 import os
 import random
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -105,19 +106,41 @@ def tiny_llama_config():
 
 
 # Operations that make the host wait for the device (data-dependent shapes or scalar reads).
-SYNCING_OPS = frozenset({"aten.nonzero", "aten._local_scalar_dense", "aten.masked_select", "aten.item", "aten.unique"})
+SYNCING_OPS = frozenset(
+    {
+        "aten.nonzero",
+        "aten._local_scalar_dense",
+        "aten.masked_select",
+        "aten.item",
+        "aten.unique",
+        "aten.equal",
+        "aten.is_nonzero",
+    }
+)
 
 
 class OpRecorder(TorchDispatchMode):
-    """Records the name of every aten operation run inside ``with recorder:``."""
+    """Records the name of every aten operation run inside ``with recorder:``, how often each ran, and the
+    copies to host memory: ``_to_copy`` asked for the CPU device (on a CPU run too), or ``copy_`` into a CPU
+    tensor from another device."""
 
     def __init__(self) -> None:
         super().__init__()
         self.ops: set[str] = set()
+        self.counts: Counter[str] = Counter()
+        self.host_copies: list[str] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops.add(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
+        name = str(func.overloadpacket)
+        self.ops.add(name)
+        self.counts[name] += 1
+        kwargs = kwargs or {}
+        to_host = name == "aten._to_copy" and kwargs.get("device") == torch.device("cpu")
+        if name == "aten.copy_" and args[0].device.type == "cpu" and args[1].device.type != "cpu":
+            to_host = True
+        if to_host:
+            self.host_copies.append(name)
+        return func(*args, **kwargs)
 
     @property
     def syncing(self) -> set[str]:

@@ -86,3 +86,13 @@ def test_normalize_matches_the_clip_formula():
     )
     torch.testing.assert_close(normalize(pixels), expected)
     assert normalize(pixels, torch.bfloat16).dtype == torch.bfloat16
+
+
+def test_normalize_makes_its_constants_once_per_device(op_recorder):
+    pixels = torch.randint(0, 256, (2, 3, 4, 4), dtype=torch.uint8)
+    first = normalize(pixels)
+    with op_recorder:
+        again = normalize(pixels, torch.bfloat16)
+    # No tensor made from Python numbers, which on a GPU is a host->device copy per batch.
+    assert "aten.lift_fresh" not in op_recorder.ops and "aten.div" in op_recorder.ops
+    assert torch.equal(again, first.to(torch.bfloat16))

@@ -37,6 +37,7 @@ from owl2.train import checkpoint as ckpt
 from owl2.train import parallel
 from owl2.train.optim import apply_trainable, build_optimizer, verify_optimizer_setup, warmup_cosine
 from owl2.train.parallel import unwrap
+from owl2.train.step import TrainStep
 
 WORLD = 2
 RECIPE = Path(__file__).resolve().parents[1] / "experiments" / "owl2_7b"
@@ -127,6 +128,7 @@ def _worker(rank: int, port: int, out: str) -> None:
         _round_trip(rank, Path(out))
         _mixed_precision(rank, Path(out))
         _stage1_frozen_bf16(rank, Path(out))
+        _skip_nonfinite(rank, Path(out))
     finally:
         dist.destroy_process_group()
 
@@ -144,7 +146,7 @@ def _scenarios(rank: int, out: Path) -> None:
             with parallel.gradient_sync(wrapped, sync=micro == len(batches) - 1):
                 (wrapped(**batch, use_cache=False).loss / len(batches)).backward()
         grads = _gathered_grads(wrapped)
-        norm = parallel.clip_grad_norm(wrapped, OPTIM.grad_clip)
+        norm = float(parallel.clip_grad_norm(wrapped, OPTIM.grad_clip))
         optimizer.step()
         result = {
             "grads": grads,
@@ -257,6 +259,38 @@ def _stage1_frozen_bf16(rank: int, out: Path) -> None:
         result = {"loss": loss, "dtypes": dtypes, "grads": grads, "before": before, "after": after}
         result |= {"optimizer": after_optimizer, "reloaded": reloaded, "reloaded_optimizer": reloaded_optimizer}
         torch.save(result, out / "stage1_bf16.pt")
+
+
+def _skip_nonfinite(rank: int, out: Path) -> None:
+    """Only rank 1's backward overflows (a finite loss, inf activation gradients): the norm reduced over the
+    shards is inf on both ranks, so both skip the fused AdamW update of their DTensor shards."""
+    wrapped = parallel.shard(_prepare(_model(), ["all"], ac=False))
+    optimizer, _ = build_optimizer(wrapped, OPTIM)
+    stepper = TrainStep(wrapped, optimizer, accumulation=1, grad_clip=OPTIM.grad_clip, device=torch.device("cpu"))
+
+    def local_state() -> dict[str, torch.Tensor]:
+        state = {name: p.to_local().clone() for name, p in wrapped.named_parameters()}
+        for index, values in enumerate(optimizer.state.values()):
+            state |= {f"{index}.{key}": getattr(v, "_local_tensor", v).clone() for key, v in values.items()}
+        return state
+
+    def overflow(module: torch.nn.Module, args: Any, output: torch.Tensor) -> None:
+        output.register_hook(lambda grad: torch.full_like(grad, float("inf")))
+
+    result = {}
+    for step in range(2):  # the first step creates the optimizer state
+        if step == 1:
+            result["before"] = local_state()
+            if rank == 1:
+                unwrap(wrapped).abstractor.proj.register_forward_hook(overflow)
+        optimizer.zero_grad(set_to_none=True)
+        loss = wrapped(**_batch(60 + rank), use_cache=False).loss
+        loss.backward()
+        norm = parallel.clip_grad_norm(wrapped, OPTIM.grad_clip)
+        stepper.guarded_update(norm)
+    result |= {"loss": float(loss), "norm": float(norm), "after": local_state()}
+    result["nonfinite"] = stepper.nonfinite_steps()
+    torch.save(result, out / f"skip_{rank}.pt")
 
 
 @pytest.fixture(scope="module")
@@ -383,6 +417,15 @@ def test_fsdp_stage1_keeps_frozen_bf16_weights_and_round_trips(fsdp_results):
 
 
 # ------------------------------------------------------------------------------------------ without sharding
+
+
+def test_fsdp_ranks_skip_a_nonfinite_step_together_and_bitwise(fsdp_results):
+    for rank in range(WORLD):
+        result = _load(fsdp_results, f"skip_{rank}")
+        assert math.isfinite(result["loss"]) and not math.isfinite(result["norm"]), rank
+        assert result["nonfinite"] == 1
+        changed = [key for key, value in result["before"].items() if not torch.equal(value, result["after"][key])]
+        assert not changed, (rank, changed)
 
 
 def test_shard_plan_is_every_layer_of_the_three_towers_then_the_root():

@@ -41,13 +41,21 @@ def test_loss_is_weighted_by_supervised_tokens_over_micro_batches_and_ranks() ->
     rank0.add(first, torch.tensor(1.0), FLOPS)  # 4 supervised tokens (the first position never is a target)
     rank0.add(second, torch.tensor(4.0), FLOPS)  # 2
     rank1.add(other, torch.tensor(0.5), FLOPS)  # 10
+    rank0.grad_norm = torch.tensor(0.5)
     stats = SkipStats()
+    gathers = []
 
     def gather(value):  # rank 0's view of an all_gather over two ranks
-        return [value, rank1.totals()] if isinstance(value, tuple) else [value, SkipStats()]
+        gathers.append(value)
+        return [value, (rank1.totals()[0], SkipStats(), 3.0)]
 
     state = TrainState(stage="stage1", step=3)
-    metrics = window_metrics(rank0, state, stats, [1e-3], [{"name": "all"}], 0.5, gather, peak_tflops=2.0)
+    nonfinite = torch.tensor(2)
+    metrics = window_metrics(rank0, state, stats, [1e-3], [{"name": "all"}], nonfinite, gather, 2.0, 1.5)
+
+    assert len(gathers) == 1  # one gather per window
+    assert metrics["grad_norm"] == 0.5 and metrics["nonfinite_steps"] == state.nonfinite_steps == 2
+    assert metrics["peak_memory_gb"] == 3.0  # the fullest worker
 
     assert metrics["loss"] == pytest.approx((1.0 * 4 + 4.0 * 2 + 0.5 * 10) / 16)
     # Each image's placeholder counts as the tokens_per_image decoder tokens it becomes.
@@ -63,5 +71,12 @@ def test_loss_is_weighted_by_supervised_tokens_over_micro_batches_and_ranks() ->
 def test_no_mfu_without_a_known_peak() -> None:
     window = LogWindow()
     window.add(_batch([4], [2], [1]), torch.tensor(2.0), FLOPS)
-    metrics = window_metrics(window, TrainState(stage="s"), SkipStats(), [1e-3], [{"name": "all"}], 0.1, lambda v: [v])
-    assert "mfu" not in metrics and metrics["model_flops_per_s"] > 0 and metrics["loss"] == pytest.approx(2.0)
+    metrics = window_metrics(
+        window, TrainState(stage="s"), SkipStats(), [1e-3], [{"name": "all"}], torch.tensor(0), lambda v: [v]
+    )
+    assert (
+        "mfu" not in metrics
+        and "peak_memory_gb" not in metrics
+        and metrics["model_flops_per_s"] > 0
+        and metrics["loss"] == pytest.approx(2.0)
+    )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import warnings
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 import torch
@@ -118,8 +118,19 @@ def resize(image: Image.Image, size: int, mode: str) -> np.ndarray:
     return np.asarray(image, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
+@cache
+def _clip_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """CLIP's mean and std as float32 ``[1, 3, 1, 1]`` tensors on ``device``, copied there once, not per batch
+    (a tensor built from Python numbers on an accelerator is a host->device copy)."""
+    mean = torch.tensor(CLIP_MEAN, device=device, dtype=torch.float32).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=device, dtype=torch.float32).view(1, 3, 1, 1)
+    return mean, std
+
+
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """``uint8 [N, 3, S, S]`` on any device -> CLIP-normalised ``dtype`` tensor on the same device."""
-    mean = torch.tensor(CLIP_MEAN, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
-    std = torch.tensor(CLIP_STD, device=images.device, dtype=torch.float32).view(1, 3, 1, 1)
+    """``uint8 [N, 3, S, S]`` on any device -> CLIP-normalised ``dtype`` tensor on the same device.
+
+    The arithmetic is float32 whatever ``dtype``, so the cached constants depend on the device only.
+    """
+    mean, std = _clip_constants(images.device)
     return ((images.float() / 255.0 - mean) / std).to(dtype)

@@ -380,14 +380,21 @@ class Batch:
     skips: SkipStats = field(default_factory=SkipStats)
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-        """Model keyword arguments on ``device``; pixels are normalised there."""
+        """Model keyword arguments on ``device``; pixels are normalised there.
+
+        For a CUDA device each tensor is first copied into pinned host memory: only from there is a
+        ``non_blocking`` copy asynchronous (from pageable memory the host waits for it).
+        """
+        pin = torch.device(device).type == "cuda"
+
+        def moved(tensor: torch.Tensor) -> torch.Tensor:
+            return (tensor.pin_memory() if pin else tensor).to(device, non_blocking=True)
+
         return {
-            "input_ids": self.input_ids.to(device, non_blocking=True),
-            "attention_mask": self.attention_mask.to(device, non_blocking=True),
-            "labels": self.labels.to(device, non_blocking=True),
-            "images": image_ops.normalize(self.images.to(device, non_blocking=True), dtype)
-            if len(self.images)
-            else None,
+            "input_ids": moved(self.input_ids),
+            "attention_mask": moved(self.attention_mask),
+            "labels": moved(self.labels),
+            "images": image_ops.normalize(moved(self.images), dtype) if len(self.images) else None,
             "image_counts": self.image_counts,
         }
 

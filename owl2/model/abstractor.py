@@ -103,11 +103,18 @@ class VisualAbstractor(nn.Module):
         self.register_buffer("image_pos", torch.empty(grid_size * grid_size + 1, dim), persistent=False)
         self.reset_position_tables()
 
+    def set_grid_size(self, grid_size: int) -> None:
+        """Switch to a ``grid_size x grid_size`` patch grid (another image size): rebuilds the image table once,
+        so forwards at the new size reuse it instead of building one on the host every time."""
+        self.grid_size = grid_size
+        self.reset_position_tables()
+
     def reset_position_tables(self) -> None:
         """(Re)compute the sin-cos tables in float32, e.g. after allocation on the meta device."""
         num_queries, dim = self.query_pos.shape
         device = self.query_pos.device
         if device.type == "meta":
+            self.image_pos = torch.empty(self.grid_size * self.grid_size + 1, dim, device=device)
             return
         self.query_pos = sincos_1d(torch.arange(num_queries), dim).to(device)
         self.image_pos = sincos_2d_with_cls(self.grid_size, dim).to(device)
@@ -115,7 +122,8 @@ class VisualAbstractor(nn.Module):
     def _image_positions(self, num_tokens: int) -> torch.Tensor:
         if num_tokens == self.image_pos.shape[0]:
             return self.image_pos
-        # Another resolution than configured: the official code crashes here, we build the right grid.
+        # Another resolution than set_grid_size's (a host-built table copied to the device in every forward):
+        # the official code crashes here, we build the right grid.
         grid = int(round((num_tokens - 1) ** 0.5))
         if grid * grid + 1 != num_tokens:
             raise ValueError(f"abstractor expects 1 + g*g vision tokens (CLS + square grid), got {num_tokens}")

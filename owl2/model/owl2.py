@@ -307,6 +307,7 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
     def set_image_size(self, image_size: int) -> None:
         """Change the input resolution (e.g. 224 -> 448 between stages), resampling position embeddings."""
         self.vision.set_image_size(image_size)
+        self.abstractor.set_grid_size(self.vision.patch_embed.grid_size[0])
         self.config.vision = {**self.config.vision, "image_size": image_size}
 
     # ---------------------------------------------------------------------------------------- forward

@@ -146,3 +146,34 @@ def load_training_state(
     parallel.load_optimizer_state(model, optimizer, optimizer_state)
     scheduler.load_state_dict(torch.load(folder / SCHEDULER_FILE, map_location="cpu", weights_only=True))
     return load_state(folder)
+
+
+def _state_tensors(model_state: Mapping[str, Any], optimizer_state: Mapping[str, Any]) -> list[tuple[str, Any]]:
+    """``(label, value)`` of the model's entries, then of the optimizer's per-parameter state in torch's layout."""
+    names = {}
+    for group in optimizer_state.get("param_groups", []):
+        names.update(zip(group["params"], group.get("param_names", group["params"]), strict=True))
+    labelled = [(f"model weight {name}", value) for name, value in model_state.items()]
+    for key, fields in optimizer_state.get("state", {}).items():
+        labelled += [(f"optimizer {field} of {names.get(key, key)}", value) for field, value in fields.items()]
+    return labelled
+
+
+def check_finite(model_state: Mapping[str, Any], optimizer_state: Mapping[str, Any]) -> None:
+    """Refuse to write a checkpoint that holds a NaN or an infinity: raises :class:`FloatingPointError`
+    naming the first such tensor (the model's first, then the optimizer state's). One device read per
+    device, not one per tensor; call it where the full states are (rank 0)."""
+    tensors = [
+        (label, value)
+        for label, value in _state_tensors(model_state, optimizer_state)
+        if isinstance(value, torch.Tensor) and value.is_floating_point()
+    ]
+    by_device: dict[torch.device, list[int]] = {}
+    for index, (_, tensor) in enumerate(tensors):
+        by_device.setdefault(tensor.device, []).append(index)
+    bad = []
+    for indices in by_device.values():
+        finite = torch.stack([torch.isfinite(tensors[i][1]).all() for i in indices]).tolist()
+        bad += [index for index, ok in zip(indices, finite, strict=True) if not ok]
+    if bad:
+        raise FloatingPointError(f"refusing to write a checkpoint: {tensors[min(bad)][0]} holds NaN/inf values")

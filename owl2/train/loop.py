@@ -3,7 +3,8 @@
 Ray-specific lines are marked ``# Ray``. The driver hands each worker a :class:`~owl2.train.job.StageJob`;
 :func:`train_stage` builds a :class:`StageRun` from it and repeats two named steps until the stage is done:
 
-* :meth:`StageRun.train_step`: one optimizer step over ``accumulation`` micro-batches;
+* :meth:`StageRun.train_step`: one optimizer step over ``accumulation`` micro-batches
+  (:class:`~owl2.train.step.TrainStep`: no host sync; a NaN/inf gradient norm skips the update);
 * :meth:`StageRun.after_step`: the logging window's metrics, validation (``val_loss``), the checkpoint
   evaluation (rank 0), then a checkpoint or a plain report.
 
@@ -45,6 +46,7 @@ from owl2.train.optim import (
 from owl2.train.parallel import unwrap
 from owl2.train.progress import emit
 from owl2.train.sender import TrackingSender
+from owl2.train.step import TrainStep
 from owl2.train.validate import HeldOut, should_validate
 from owl2.train.window import LogWindow, window_metrics
 
@@ -186,8 +188,16 @@ class StageRun:
         self.peak_tflops = device_peak_tflops(job.experiment.resources)
         position = self.state.position(self.rank, self.world_size)
         self.data = ShardStream(job, self.spec, position, self.rank, self.world_size, lambda: self.state.step)
-        self.window = LogWindow()
-        self.grad_norm = float("nan")
+        self.stepper = TrainStep(
+            self.wrapped,
+            self.optimizer,
+            accumulation=job.accumulation,
+            grad_clip=stage.optim.grad_clip,
+            device=self.device,
+            dtype=self.dtype,
+            nonfinite_steps=self.state.nonfinite_steps,
+        )
+        self.window = LogWindow(self.device)
         self.learning_rates: list[float] = []
         self.val_loss: float | None = None
         self.held_out = self._held_out()
@@ -247,35 +257,17 @@ class StageRun:
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self) -> None:
-        """Forward and backward over ``accumulation`` micro-batches, then clip and step (or skip the step if
-        any loss was not finite on any rank)."""
-        accumulation = self.job.accumulation
-        self.optimizer.zero_grad(set_to_none=True)
-        step_loss = torch.zeros((), device=self.device)
-        bf16 = self.dtype == torch.bfloat16
-        for micro in range(accumulation):
-            batch = self.data.next()
-            with parallel.gradient_sync(self.wrapped, sync=micro == accumulation - 1):
-                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = self.wrapped(**batch.to(self.device, self.dtype), use_cache=False).loss
-                (loss / accumulation).backward()
-            step_loss = step_loss + loss.detach().float()
-            self.window.add(batch, loss, self.flop_model)
-        # Every rank must take the same decision, or DDP's collectives would hang.
-        finite = all(_all_gather(bool(torch.isfinite(step_loss))))
-        self.grad_norm = float("nan")
-        if finite:
-            if self.stage.optim.grad_clip > 0:
-                self.grad_norm = parallel.clip_grad_norm(self.wrapped, self.stage.optim.grad_clip)
-            self.optimizer.step()
-        else:
-            self._count_nonfinite()
+        """Forward and backward over ``accumulation`` micro-batches, then clip and step, or skip the update if
+        the gradient norm is not finite (the same decision on every rank). Never waits for the device."""
+        self.stepper.run(self.data.next, self.window, self.flop_model)
         self.learning_rates = [group["lr"] for group in self.optimizer.param_groups]  # the rates this step used
-        self.scheduler.step()
+        self.scheduler.step()  # skipped steps too: the schedule follows the step count
         self.state.step += 1
 
-    def _count_nonfinite(self) -> None:
-        self.state.nonfinite_steps += 1
+    def _check_nonfinite(self) -> None:
+        """Stop once more steps were skipped than ``stage.max_nonfinite_steps`` allows. ``state.nonfinite_steps``
+        is read from the device at logging windows and checkpoints only, so the error comes up to
+        ``log_every`` steps after the step that crossed the limit."""
         if self.state.nonfinite_steps > self.stage.max_nonfinite_steps:
             raise Unrecoverable(
                 f"stage {self.job.stage_name}: {self.state.nonfinite_steps} steps had a NaN/inf loss (limit "
@@ -308,14 +300,13 @@ class StageRun:
             self.data.stats,
             self.learning_rates,
             self.groups,
-            self.grad_norm,
+            self.stepper.nonfinite,
             _all_gather,
             self.peak_tflops,
+            parallel.peak_memory_gb(self.device),
         )
-        peak = parallel.peak_memory_gb(self.device)
-        if peak is not None:
-            metrics["peak_memory_gb"] = max(_all_gather(peak))  # the fullest worker
-        self.window = LogWindow()
+        self._check_nonfinite()
+        self.window = LogWindow(self.device)
         return metrics
 
     def _validate(self) -> float:
@@ -336,6 +327,8 @@ class StageRun:
     def _checkpoint(self, metrics: dict[str, Any]) -> None:
         import ray.train
 
+        self.state.nonfinite_steps = self.stepper.nonfinite_steps()  # a checkpoint waits for the device anyway
+        self._check_nonfinite()
         self.state.record_positions(_all_gather(self.data.position))
         # Every rank takes part: under FSDP2 these gather the full states to rank 0.
         model_state = parallel.model_state_for_checkpoint(self.wrapped)
@@ -343,6 +336,7 @@ class StageRun:
         with tempfile.TemporaryDirectory() as scratch:
             checkpoint = None
             if self.rank == 0:
+                ckpt.check_finite(model_state, optimizer_state)
                 folder = ckpt.save(
                     Path(scratch) / "checkpoint",
                     unwrap(self.wrapped),

@@ -296,17 +296,17 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> tuple[torch.optim.A
     """AdamW over :func:`build_param_groups`; the groups are returned too (they are the optimizer's own dicts).
 
     Build it after any wrapper that replaces parameters (FSDP2), and before DDP or compile, which keep them.
+    The optimizer is torch's fused AdamW (CPU and CUDA kernels): it alone honours ``optimizer.found_inf``, the
+    device flag with which :class:`~owl2.train.step.TrainStep` skips a non-finite step without a host sync.
     """
     groups = build_param_groups(model, optim)
-    # The fused kernel only exists for accelerator tensors; elsewhere torch picks foreach or a loop itself.
-    all_cuda = all(param.is_cuda for group in groups for param in group["params"])
     optimizer = torch.optim.AdamW(
         groups,
         lr=optim.lr,
         betas=(optim.betas[0], optim.betas[1]),
         eps=optim.eps,
         weight_decay=optim.weight_decay,
-        fused=True if all_cuda else None,
+        fused=True,
     )
     return optimizer, groups
 

@@ -231,12 +231,19 @@ def gradient_sync(model: nn.Module, sync: bool) -> Iterator[None]:
         yield
 
 
-def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
-    """Clip the global gradient norm over all ranks' shards; the norm before clipping, as a float."""
-    norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    # Over DTensor shards the norm is a DTensor too (already reduced over the mesh).
-    full = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-    return float(full)
+def clip_grad_norm(model: nn.Module, max_norm: float) -> torch.Tensor:
+    """The global gradient norm over all ranks' shards before clipping, a 0-d tensor on the device (not read,
+    so no host sync); the gradients are clipped to ``max_norm`` when it is positive.
+
+    The norm is the same on every rank: DDP's gradients are already all-reduced, and FSDP2's shard norms are
+    reduced over the mesh here, so ranks can act on it (skip a non-finite step) without another collective.
+    """
+    if max_norm > 0:
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    else:
+        norm = torch.nn.utils.get_total_norm([param.grad for param in model.parameters() if param.grad is not None])
+    # Over DTensor shards the norm is a DTensor too (reduced over the mesh by full_tensor).
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
 
 
 def peak_memory_gb(device: torch.device) -> float | None:

@@ -2,9 +2,10 @@
 
 The loop adds every micro-batch to a :class:`LogWindow`; at a logging step :func:`window_metrics` sums the
 windows of all ranks (one gather) and turns them into the metrics that go to Ray Train, MLflow and the
-terminal. The loss is kept on the device, weighted by the micro-batch's supervised tokens, so it is read
-once per window rather than once per micro-batch; everything else is known on the host, FLOPs included:
-:class:`~owl2.plan.flops.FlopModel` counts each batch from its rows' real text tokens and images.
+terminal. The loss (weighted by the micro-batch's supervised tokens), the last gradient norm and the count
+of skipped steps stay on the device and are read together once per window, never per step; everything else
+is counted from the host batches, FLOPs included: :class:`~owl2.plan.flops.FlopModel` counts each batch from
+its rows' real text tokens and images.
 
 ``mfu`` is model FLOPs per second over all workers divided by their peak (``resources.peak_tflops``, or the
 GPU table's for ``resources.gpu``), reported only when that peak is known.
@@ -27,22 +28,27 @@ from owl2.train.checkpoint import TrainState
 
 
 def supervised_tokens(batch: Batch) -> int:
-    """Positions whose next token is a label (the loss's denominator), counted on the host."""
-    return int((batch.labels[:, 1:] != IGNORE_INDEX).sum())
+    """Positions whose next token is a label (the loss's denominator), counted on the host batch."""
+    return (batch.labels[:, 1:] != IGNORE_INDEX).sum().tolist()  # tolist: a host read, no scalar op to dispatch
 
 
 def decoder_tokens(batch: Batch, tokens_per_image: int) -> int:
     """Real tokens the decoder sees: text tokens plus each image's placeholder expanded to its tokens."""
-    images = len(batch.images)
-    return int(batch.attention_mask.sum()) + images * (tokens_per_image - 1)
+    return sum(batch.attention_mask.sum(dim=1).tolist()) + len(batch.images) * (tokens_per_image - 1)
 
 
 @dataclass
 class LogWindow:
-    """One worker's micro-batches since the last logging step."""
+    """One worker's micro-batches since the last logging step.
 
-    loss_sum: torch.Tensor | None = None
-    """Sum over micro-batches of mean loss x supervised tokens (on the device)."""
+    The loss and the last step's gradient norm stay on ``device``; the counts come from the host batches.
+    """
+
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    loss_sum: torch.Tensor = field(init=False)
+    """Sum over micro-batches of mean loss x supervised tokens (float64, on the device)."""
+    grad_norm: torch.Tensor = field(init=False)
+    """The last step's global gradient norm before clipping (on the device; NaN before the first step)."""
     supervised: int = 0
     micro: int = 0
     samples: int = 0
@@ -52,25 +58,34 @@ class LogWindow:
     hardware_flops: float = 0.0
     start: float = field(default_factory=time.perf_counter)
 
+    def __post_init__(self) -> None:
+        self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        self.grad_norm = torch.full((), float("nan"), device=self.device)
+
     def add(self, batch: Batch, loss: torch.Tensor, flop_model: FlopModel) -> None:
+        """Count a micro-batch (``batch`` on the host, ``loss`` its mean loss on the device); never reads it."""
         supervised = supervised_tokens(batch)
-        weighted = loss.detach().double() * supervised
-        self.loss_sum = weighted if self.loss_sum is None else self.loss_sum + weighted
+        self.loss_sum = self.loss_sum + loss.detach().double() * supervised
         self.supervised += supervised
         self.micro += 1
         self.samples += len(batch.ids)
         self.tokens += decoder_tokens(batch, flop_model.tokens_per_image)
         self.images += len(batch.images)
         # Each image is one placeholder among the row's real tokens.
-        text = (batch.attention_mask.sum(dim=1) - torch.tensor(batch.image_counts, dtype=torch.long)).tolist()
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        text = [length - count for length, count in zip(lengths, batch.image_counts, strict=True)]
         flops = flop_model.batch(text, batch.image_counts)
         self.model_flops += flops.model
         self.hardware_flops += flops.hardware
 
-    def totals(self) -> tuple[float, ...]:
-        loss = float(self.loss_sum) if self.loss_sum is not None else 0.0  # the window's one device read
+    def totals(self, *device_values: torch.Tensor) -> tuple[tuple[float, ...], list[float]]:
+        """The window's sums (the loss sum first), and the last step's grad norm followed by
+        ``device_values`` (0-d tensors on the window's device), all read in one device->host copy: the
+        window's only host sync."""
+        stacked = torch.stack([self.loss_sum, self.grad_norm, *device_values])  # promoted to float64
+        loss, *values = stacked.to("cpu", copy=True).tolist()  # copy=True: a real copy on a CPU run as well
         counts = (self.supervised, self.micro, self.samples, self.tokens, self.images)
-        return (loss, *counts, self.model_flops, self.hardware_flops)
+        return (loss, *counts, self.model_flops, self.hardware_flops), values
 
 
 def window_metrics(
@@ -79,25 +94,32 @@ def window_metrics(
     stats: SkipStats,
     learning_rates: Sequence[float],
     groups: Sequence[dict[str, Any]],
-    grad_norm: float,
+    nonfinite_steps: torch.Tensor,
     all_gather: Callable[[Any], list[Any]],
     peak_tflops: float | None = None,
+    peak_memory_gb: float | None = None,
 ) -> dict[str, float]:
     """The metrics of a logging step over every rank; also advances ``state``'s counters.
 
-    ``peak_tflops`` is one worker's dense bf16 peak; with it the metrics carry ``mfu``.
+    ``nonfinite_steps`` is the stage's device counter of skipped steps (the same on every rank); it is read
+    with the window's own values and copied to ``state.nonfinite_steps``. One device read and one gather.
+    ``peak_tflops`` is one worker's dense bf16 peak; with it the metrics carry ``mfu``. ``peak_memory_gb``
+    (this worker's) becomes the fullest worker's ``peak_memory_gb``.
     """
+    totals, (grad_norm, nonfinite) = window.totals(nonfinite_steps)
+    # After the read: the host runs ahead of the device, which has now finished the window's work.
     elapsed = max(time.perf_counter() - window.start, 1e-9)
-    gathered = all_gather(window.totals())
+    gathered = all_gather((totals, stats, peak_memory_gb))
     loss, supervised, micro, samples, tokens, images, model_flops, hardware_flops = (
-        sum(values) for values in zip(*gathered, strict=True)
+        sum(values) for values in zip(*(part[0] for part in gathered), strict=True)
     )
     merged = SkipStats()
-    for part in all_gather(stats):
+    for _, part, _ in gathered:
         merged.merge(part)
     state.samples += int(samples)
     state.tokens += int(tokens)
     state.images += int(images)
+    state.nonfinite_steps = int(nonfinite)
     state.skipped = dict(merged.skipped)
     state.records_seen = merged.seen
     metrics = {
@@ -116,6 +138,9 @@ def window_metrics(
     }
     if peak_tflops:
         metrics["mfu"] = metrics["model_flops_per_s"] / (peak_tflops * 1e12 * len(gathered))
+    peaks = [peak for _, _, peak in gathered if peak is not None]
+    if peaks:
+        metrics["peak_memory_gb"] = max(peaks)  # the fullest worker
     metrics.update({f"skipped/{reason}": count for reason, count in merged.skipped.items()})
     for group, rate in zip(groups, learning_rates, strict=True):
         metrics[f"lr/{group['name']}"] = rate
