@@ -53,7 +53,8 @@ def test_loss_is_weighted_by_supervised_tokens_over_micro_batches_and_ranks() ->
     # Each image's placeholder counts as the tokens_per_image decoder tokens it becomes.
     per_image = SPEC.tokens_per_image - 1
     assert state.tokens == (10 + 5 + 16) + 5 * per_image and state.images == 5 and state.samples == 5
-    expected = FLOPS.batch([5, 4], [1, 0]) + FLOPS.batch([3], [2]) + FLOPS.batch([7, 7], [1, 1])
+    # The LM head runs on the labelled positions only (hardware); the model count takes every token.
+    expected = FLOPS.batch([5, 4], [1, 0], [3, 1]) + FLOPS.batch([3], [2], [2]) + FLOPS.batch([7, 7], [1, 1], [5, 5])
     elapsed = metrics["samples"] / metrics["samples_per_s"]
     assert metrics["model_flops_per_s"] * elapsed == pytest.approx(expected.model)
     assert metrics["hardware_flops_per_s"] * elapsed == pytest.approx(expected.hardware)

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from owl2.config import ModelConfig, ModelInitConfig, ResourcesConfig
 from owl2.data.pipeline import Batch, Collator, encoded, iterate
 from owl2.data.sample import SkipStats
+from owl2.model.owl2 import count_labels
 from owl2.plan.flops import FlopModel
 from owl2.plan.gpus import peak_tflops
 from owl2.train import checkpoint as ckpt
@@ -250,7 +251,8 @@ class StageRun:
             batch = self.data.next()
             with parallel.gradient_sync(self.wrapped, sync=micro == accumulation - 1):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = self.wrapped(**batch.to(self.device, self.dtype), use_cache=False).loss
+                    labels = count_labels(batch.input_ids, batch.labels)  # host: the head runs on label positions
+                    loss = self.wrapped(**batch.to(self.device, self.dtype), use_cache=False, label_counts=labels).loss
                 (loss / accumulation).backward()
             step_loss = step_loss + loss.detach().float()
             self.window.add(batch, loss, self.flop_model)

@@ -22,6 +22,7 @@ import torch
 from owl2.config import IGNORE_INDEX
 from owl2.data.pipeline import Batch
 from owl2.data.sample import SkipStats
+from owl2.model.owl2 import count_labels
 from owl2.plan.flops import FlopModel
 from owl2.train.checkpoint import TrainState
 
@@ -63,7 +64,7 @@ class LogWindow:
         self.images += len(batch.images)
         # Each image is one placeholder among the row's real tokens.
         text = (batch.attention_mask.sum(dim=1) - torch.tensor(batch.image_counts, dtype=torch.long)).tolist()
-        flops = flop_model.batch(text, batch.image_counts)
+        flops = flop_model.batch(text, batch.image_counts, count_labels(batch.input_ids, batch.labels))
         self.model_flops += flops.model
         self.hardware_flops += flops.hardware
 
