@@ -16,7 +16,8 @@ tokens after the first one, as in a stage-2 sample: 65 image tokens among about 
 Each stack's time is the median over ``--iters`` timed runs after ``--warmup`` runs, the three stacks taking
 turns so that a busy machine slows them alike (CUDA events on a GPU). ``--json`` prints
 ``{"mam_s", "llama_s", "ratio", "before_s", "before_ratio", ...}`` (ratio = mam_s / llama_s); otherwise a table.
-fp32 on the CPU, bf16 on CUDA.
+fp32 on the CPU, bf16 on CUDA. On a CPU shared with other work, ``OMP_NUM_THREADS=1`` gives steadier numbers:
+preempted OpenMP threads slow the stacks of more, smaller kernels (owl2's) more than the others.
 """
 
 from __future__ import annotations
