@@ -7,10 +7,10 @@ a few minutes on an H100). It writes one JSON with a section per check, each gua
 is recorded as that section's ``error`` and the rest still runs.
 
 * ``matmul_peak``: a large bf16 matmul, timed; its TFLOP/s is the peak that every ``mfu`` below divides by.
-* ``decoder_layer``: one 7B-shaped decoder layer, with the modality-adaptive module (the first 65 tokens an
-  image) and as transformers' plain ``LlamaDecoderLayer``, forward + backward in bf16 at T = 512 and 2048.
-  FLOPs: matmuls only, 2 per multiply-add, causal attention as the lower triangle, backward = 2x forward;
-  the MAM layer runs both K/V copies on every token, and that work is counted.
+* ``decoder_layer``: one 7B-shaped decoder layer, with the modality-adaptive module (65 tokens an image) and
+  as transformers' plain ``LlamaDecoderLayer``, forward + backward in bf16 at T = 512 and 2048, timed by
+  ``benchmarks/layer_bench.py`` (medians). FLOPs: matmuls only, 2 per multiply-add, causal attention as the
+  lower triangle, backward = 2x forward; routed by span, the MAM layer runs the same matmuls as LLaMA's.
 * ``vision``: the ViT-L/14 at 448 px and the abstractor, forward + backward in bf16 at the stage-2 micro-batch
   (FLOPs counted by ``torch.utils.flop_counter``).
 * ``stage1_step``: one full training step of the 7B model as ``experiments/owl2_7b/stage1.yaml`` configures it
@@ -132,47 +132,29 @@ def matmul_peak(bench: Bench) -> dict[str, Any]:
     return result
 
 
-def layer_flops(decoder: Any, length: int, modality_adaptive: bool) -> float:
-    """Forward + backward matmul FLOPs of one decoder layer over ``length`` tokens (causal: lower triangle)."""
+def layer_flops(decoder: Any, length: int) -> float:
+    """Forward + backward matmul FLOPs of one decoder layer over ``length`` tokens (causal: lower triangle). The
+    modality-adaptive layer routes each token through its own K/V copy: the same matmuls as a LLaMA layer."""
     width, heads, head_dim = decoder.hidden_size, decoder.num_heads, decoder.head_dim
-    kv_copies = 2 if modality_adaptive else 1
-    weights = 2 * width * heads * head_dim + kv_copies * 2 * width * decoder.num_kv_heads * head_dim
+    weights = 2 * width * heads * head_dim + 2 * width * decoder.num_kv_heads * head_dim
     weights += 3 * width * decoder.intermediate_size
     attention = 2 * 2 * heads * head_dim * length * (length + 1) / 2
     return 3 * (2 * length * weights + attention)
 
 
-def _decoder_layer(bench: Bench, modality_adaptive: bool, length: int) -> dict[str, Any]:
-    from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
-
-    from owl2.model.decoder import DecoderLayer, causal_padding_mask, llama_config
+def decoder_layer(bench: Bench) -> dict[str, Any]:
+    """One modality-adaptive layer and one plain LLaMA layer, timed by ``layer_bench`` (bf16)."""
+    from layer_bench import time_layers
 
     decoder = bench.spec().decoder
-    llama = llama_config(decoder)
-    llama._attn_implementation = "sdpa"
-    layer = DecoderLayer(decoder, llama, 0) if modality_adaptive else LlamaDecoderLayer(llama, 0)
-    layer.to(bench.device, torch.bfloat16)
-    x = torch.randn(1, length, decoder.hidden_size, device=bench.device, dtype=torch.bfloat16, requires_grad=True)
-    positions = torch.arange(length, device=bench.device)[None]
-    rotary = LlamaRotaryEmbedding(llama).to(bench.device)(x, positions)
-    grad = torch.randn_like(x)
-    if modality_adaptive:
-        mask = causal_padding_mask(torch.ones(1, length, dtype=torch.long, device=bench.device), length)
-        visual = (positions < min(VISUAL_TOKENS, length // 2)).expand(1, length)
-        forward = lambda: layer(x, rotary, mask, visual)  # noqa: E731
-    else:
-        forward = lambda: layer(x, position_embeddings=rotary)  # noqa: E731
-    seconds = bench.seconds(lambda: forward().backward(grad))
-    return {"length": length, **bench.rate(layer_flops(decoder, length, modality_adaptive), seconds)}
-
-
-def decoder_layer(bench: Bench) -> dict[str, Any]:
-    lengths = (16, 64) if bench.smoke else (512, 2048)
-    return {
-        f"{name}_T{length}": _decoder_layer(bench, name == "modality_adaptive", length)
-        for name in ("modality_adaptive", "llama")
-        for length in lengths
-    }
+    warmup, iters = (1, 1) if bench.smoke else (2, 5)
+    result = {}
+    for length in (16, 64) if bench.smoke else (512, 2048):
+        visual = min(VISUAL_TOKENS, length // 2)
+        times = time_layers(decoder, 1, length, visual, bench.device, torch.bfloat16, warmup, iters)
+        for name, seconds in (("modality_adaptive", times["mam_s"]), ("llama", times["llama_s"])):
+            result[f"{name}_T{length}"] = {"length": length, **bench.rate(layer_flops(decoder, length), seconds)}
+    return result
 
 
 def _counted_rate(bench: Bench, module: torch.nn.Module, inputs: torch.Tensor) -> dict[str, Any]:

@@ -6,7 +6,7 @@ from transformers import LlamaForCausalLM
 
 from owl2.config import ModelConfig
 from owl2.model import Owl2Config, Owl2ForCausalLM
-from owl2.model.decoder import Multiway
+from owl2.model.decoder import Multiway, Partition
 from owl2.model.keymaps import LLAMA, convert
 
 # Grouped-query attention on (4 query heads, 2 K/V heads): the official code cannot run this.
@@ -94,7 +94,8 @@ def test_each_token_follows_its_own_branch():
     layer = Multiway(lambda: torch.nn.Linear(8, 4))
     x = torch.randn(2, 5, 8)
     visual_mask = _random_visual_mask((2, 5), 4)
-    out = layer(x, visual_mask)
+    routing = Partition.of(visual_mask)  # the layer takes its rows grouped by modality
+    out = routing.ungroup(layer(routing.group(x), routing))
     for b in range(2):
         for t in range(5):
             branch = layer.visual if visual_mask[b, t] else layer.text
@@ -111,6 +112,8 @@ def test_decoder_routing_has_no_data_dependent_ops(llama_and_owl2, op_recorder):
     embeds = torch.randn(2, 9, 64)
     attention_mask = torch.ones(2, 9, dtype=torch.long)
     attention_mask[0, :3] = 0
+    visual_mask = _random_visual_mask((2, 9), 5)
+    visual_tokens = int(visual_mask.sum())  # known on the host in training (images x tokens per image)
     with torch.no_grad(), op_recorder:
-        owl2.decoder(embeds, attention_mask=attention_mask, visual_mask=_random_visual_mask((2, 9), 5))
+        owl2.decoder(embeds, attention_mask=attention_mask, visual_mask=visual_mask, visual_tokens=visual_tokens)
     assert not op_recorder.syncing

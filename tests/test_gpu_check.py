@@ -49,8 +49,8 @@ def test_cpu_smoke_writes_every_check(tmp_path):
     assert {key for key in layers if key != "check_seconds"} == {
         f"{kind}_T{length}" for kind in ("modality_adaptive", "llama") for length in (16, 64)
     }
-    # Same width and length: the modality-adaptive layer does more work (both K/V copies on every token).
-    assert layers["modality_adaptive_T64"]["flops"] > layers["llama_T64"]["flops"] > layers["llama_T16"]["flops"]
+    # Same width and length: routed by span, the modality-adaptive layer runs the same matmuls as LLaMA's.
+    assert layers["modality_adaptive_T64"]["flops"] == layers["llama_T64"]["flops"] > layers["llama_T16"]["flops"]
     for rate in [value for key, value in layers.items() if key != "check_seconds"] + [
         result["vision"]["vit"],
         result["vision"]["abstractor"],

@@ -15,8 +15,8 @@ from torch.utils._pytree import tree_leaves
 from torch.utils.flop_counter import FlopCounterMode
 
 from owl2.cli import main
-from owl2.config import IMAGE_TOKEN_INDEX, ConfigError, ModelConfig, load_experiment
-from owl2.model.owl2 import Owl2Config, Owl2ForCausalLM
+from owl2.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ConfigError, ModelConfig, load_experiment
+from owl2.model.owl2 import Owl2Config, Owl2ForCausalLM, count_labels
 from owl2.plan.flops import FlopModel, Flops, Trainable
 from owl2.plan.gpus import GPUS, UnknownGPU, peak_tflops
 from owl2.plan.memory import Workload, estimate_memory
@@ -59,6 +59,28 @@ def test_flop_rule_matches_the_flop_counter(parts: list[str], checkpointing: boo
     assert flops.hardware == pytest.approx(counted, rel=0.05)
     # The model count leaves out the upper triangle of causal attention and the unused K/V copy.
     assert flops.model < flops.hardware
+
+
+def test_hardware_flops_count_the_lm_head_on_label_positions_only() -> None:
+    spec = ModelConfig.from_preset("tiny-cpu")
+    torch.manual_seed(0)
+    model = Owl2ForCausalLM(Owl2Config.from_spec(spec))
+    apply_trainable(model, ["all"])
+    model.train()
+    rows, text = 2, 40
+    batch = _batch(spec, rows, text, spec.vision.image_size)
+    batch["labels"][:, : text // 2] = IGNORE_INDEX  # a prompt: its first half is not supervised
+    labels = count_labels(batch["input_ids"], batch["labels"])
+    assert labels == [text // 2 + 1] * rows  # the image placeholder's label is not one
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        model(**batch, use_cache=False, label_counts=labels).loss.backward()
+    counted = counter.get_total_flops()
+
+    rule = FlopModel(spec, ["all"], spec.vision.image_size)
+    every_token, labelled = rule.batch([text] * rows, [1] * rows), rule.batch([text] * rows, [1] * rows, labels)
+    assert labelled.hardware == pytest.approx(counted, rel=0.05)
+    assert every_token.hardware != pytest.approx(counted, rel=0.05)
+    assert labelled.model == every_token.model  # the MFU numerator counts the model as specified
 
 
 def test_flop_rule_by_hand_for_a_text_row() -> None:

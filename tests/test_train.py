@@ -90,7 +90,9 @@ def test_two_stage_pipeline_tracks_both_stages_and_raises_resolution(ray_cluster
         )
         assert any(key.startswith("lr/vision.layer_") for key in run.data.metrics)
         flops = run.data.metrics["model_flops_per_s"]
-        assert 0 < flops <= run.data.metrics["hardware_flops_per_s"]
+        # Both logged; no order between them: the hardware figure runs the LM head on label positions only,
+        # which on this tiny model (a 1,024-token head on 128-wide layers) outweighs the recomputation it adds.
+        assert 0 < flops and 0 < run.data.metrics["hardware_flops_per_s"]
         assert run.data.metrics["mfu"] == pytest.approx(flops / 1e9)  # one worker at 1e9 FLOP/s
         artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
         assert {"param_groups.json", "param_groups.txt"} <= artifacts

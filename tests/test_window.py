@@ -38,9 +38,9 @@ def _batch(lengths: list[int], labelled: list[int], images: list[int]) -> Batch:
 def test_loss_is_weighted_by_supervised_tokens_over_micro_batches_and_ranks() -> None:
     rank0, rank1 = LogWindow(), LogWindow()
     first, second, other = _batch([6, 4], [3, 1], [1, 0]), _batch([5], [2], [2]), _batch([8, 8], [5, 5], [1, 1])
-    rank0.add(first, torch.tensor(1.0), FLOPS)  # 4 supervised tokens (the first position never is a target)
-    rank0.add(second, torch.tensor(4.0), FLOPS)  # 2
-    rank1.add(other, torch.tensor(0.5), FLOPS)  # 10
+    rank0.add(first, torch.tensor(1.0), FLOPS, [3, 1])  # 4 supervised tokens (the first position never is a target)
+    rank0.add(second, torch.tensor(4.0), FLOPS, [2])  # 2
+    rank1.add(other, torch.tensor(0.5), FLOPS, [5, 5])  # 10
     rank0.grad_norm = torch.tensor(0.5)
     stats = SkipStats()
     gathers = []
@@ -61,7 +61,8 @@ def test_loss_is_weighted_by_supervised_tokens_over_micro_batches_and_ranks() ->
     # Each image's placeholder counts as the tokens_per_image decoder tokens it becomes.
     per_image = SPEC.tokens_per_image - 1
     assert state.tokens == (10 + 5 + 16) + 5 * per_image and state.images == 5 and state.samples == 5
-    expected = FLOPS.batch([5, 4], [1, 0]) + FLOPS.batch([3], [2]) + FLOPS.batch([7, 7], [1, 1])
+    # The LM head runs on the labelled positions only (hardware); the model count takes every token.
+    expected = FLOPS.batch([5, 4], [1, 0], [3, 1]) + FLOPS.batch([3], [2], [2]) + FLOPS.batch([7, 7], [1, 1], [5, 5])
     elapsed = metrics["samples"] / metrics["samples_per_s"]
     assert metrics["model_flops_per_s"] * elapsed == pytest.approx(expected.model)
     assert metrics["hardware_flops_per_s"] * elapsed == pytest.approx(expected.hardware)

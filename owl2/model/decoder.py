@@ -2,17 +2,22 @@
 
 In every layer the two RMSNorms and the K/V projections exist twice, one copy per modality (text,
 visual); queries, output projection, MLP, embeddings and head are shared. Each token goes through
-the copy of its modality.
+the copy of its modality, and only through it.
 
-Routing never synchronises host and device: both copies run on every token and ``torch.where``
-picks per token, so shapes never depend on data (the official code gathers and scatters with
-``nonzero()``, which costs a sync per module per forward). A batch known to be all text on the host
-(no images, or cached decoding where every new token is text) runs the text copy alone.
+Routing by span: a layer gathers its tokens grouped by modality (text rows, then visual rows), runs
+every per-token part on the grouped rows (each copy on its own group: one GEMM per branch, no work
+on the other modality's tokens) and puts the rows back in sequence order only where the sequence
+matters (attention, the residual stream). The gathers use index tensors of a size known on the host
+(the number of visual tokens, from the images per row), so the host never waits for the device (the
+official code gathers with ``nonzero()``, a sync per module per forward). A batch known to be all
+text on the host (no images, or cached decoding where every new token is text) runs the text copy
+alone, without any gather.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -52,6 +57,87 @@ def llama_config(config: DecoderConfig) -> LlamaConfig:
     )
 
 
+class _Permute(torch.autograd.Function):
+    """``x.index_select(0, order)`` for a permutation ``order``, whose gradient is the inverse gather: autograd's
+    own backward of ``index_select`` would scatter-add into a zero-filled tensor, several times slower."""
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, order: torch.Tensor, inverse: torch.Tensor
+    ) -> torch.Tensor:
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, order)
+
+    @staticmethod
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(0, inverse), None, None
+
+
+@dataclass(frozen=True)
+class Partition:
+    """The tokens of a batch in two groups by a boolean mask whose number of True entries is known on the host.
+
+    ``group`` gathers a tensor's tokens into rows ``[N, ...]``: the False group first, then the True group, each
+    in sequence order; ``ungroup`` puts rows back in sequence order. Both are gathers by index tensors of fixed
+    size, built without reading anything back from the device.
+    """
+
+    order: torch.Tensor
+    """``[N]`` long: the flat token index of each grouped row."""
+    position: torch.Tensor
+    """``[N]`` long: the grouped row of each flat token (the inverse permutation of ``order``)."""
+    sizes: tuple[int, int]
+    """Rows of the False group and of the True group."""
+    shape: torch.Size
+    """The mask's shape: the leading dimensions of the tensors grouped."""
+
+    @classmethod
+    def of(cls, mask: torch.Tensor, count: int | None = None) -> Partition:
+        """Partition by ``mask`` (bool, any shape) with ``count`` True entries (None: read back, one host sync).
+
+        A wrong ``count`` cannot be detected without a sync: the caller vouches for it.
+        """
+        flat = mask.flatten()
+        if count is None:
+            count = int(flat.sum())
+        if not 0 <= count <= flat.numel():
+            raise ValueError(f"a partition of {flat.numel()} tokens cannot have {count} in its True group")
+        true_up_to = flat.cumsum(0)  # True entries at or before each token
+        index = torch.arange(flat.numel(), device=flat.device)
+        false_count = flat.numel() - count
+        position = torch.where(flat, false_count + true_up_to - 1, index - true_up_to)
+        order = torch.empty_like(position).scatter_(0, position, index)
+        return cls(order, position, (false_count, count), mask.shape)
+
+    @property
+    def chosen(self) -> torch.Tensor:
+        """``[count]`` flat indices of the True tokens, in sequence order."""
+        return self.order[self.sizes[0] :]
+
+    def group(self, x: torch.Tensor) -> torch.Tensor:
+        """``[*shape, ...]`` -> ``[N, ...]`` rows, the False group first."""
+        return _Permute.apply(x.reshape(-1, *x.shape[len(self.shape) :]), self.order, self.position)
+
+    def ungroup(self, rows: torch.Tensor) -> torch.Tensor:
+        """``[N, ...]`` grouped rows -> ``[*shape, ...]`` in sequence order."""
+        return _Permute.apply(rows, self.position, self.order).view(*self.shape, *rows.shape[1:])
+
+    def split(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Grouped rows -> (False group, True group), views."""
+        return rows.split(self.sizes)
+
+
+def group(x: torch.Tensor, routing: Partition | None) -> torch.Tensor:
+    """Tokens grouped by modality, or ``x`` itself when every token is text."""
+    return x if routing is None else routing.group(x)
+
+
+def ungroup(rows: torch.Tensor, routing: Partition | None) -> torch.Tensor:
+    """The inverse of :func:`group`."""
+    return rows if routing is None else routing.ungroup(rows)
+
+
 class Multiway(nn.Module):
     """Two copies of a module, ``text`` and ``visual``; each token uses the copy of its modality."""
 
@@ -60,11 +146,13 @@ class Multiway(nn.Module):
         self.text = make()
         self.visual = make()
 
-    def forward(self, x: torch.Tensor, visual_mask: torch.Tensor | None) -> torch.Tensor:
-        """x ``[B, T, D]``; visual_mask ``[B, T]`` bool, or None when every token is text."""
-        if visual_mask is None:
+    def forward(self, x: torch.Tensor, routing: Partition | None) -> torch.Tensor:
+        """x ``[..., D]`` all text when ``routing`` is None, else ``[N, D]`` rows grouped by it (text rows first,
+        see :class:`Partition` over the visual mask) -> the same rows through their own copies ``[..., D']``."""
+        if routing is None:
             return self.text(x)
-        return torch.where(visual_mask.unsqueeze(-1), self.visual(x), self.text(x))
+        text, visual = routing.split(x)
+        return torch.cat([self.text(text), self.visual(visual)])
 
 
 class ModalityAdaptiveAttention(nn.Module):
@@ -84,17 +172,21 @@ class ModalityAdaptiveAttention(nn.Module):
 
     def forward(
         self,
-        hidden_states: torch.Tensor,
+        normed: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor,
-        visual_mask: torch.Tensor | None,
+        routing: Partition | None,
         cache: Cache | None = None,
     ) -> torch.Tensor:
-        """hidden_states ``[B, Q, D]``, attention_mask ``[B, 1, Q, S]`` bool (True = may attend) -> ``[B, Q, D]``."""
-        batch, length, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states, visual_mask).view(batch, length, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(hidden_states, visual_mask).view(batch, length, self.num_kv_heads, self.head_dim)
+        """normed: the input norm's output, ``[B, Q, D]`` when ``routing`` is None, else its rows ``[N, D]`` grouped
+        by ``routing``; attention_mask ``[B, 1, Q, S]`` bool (True = may attend) -> ``[B, Q, D]``.
+
+        The projections run on the rows as given (each K/V copy on its own modality's rows); attention needs the
+        sequence, so Q, K and V go back to sequence order.
+        """
+        q = ungroup(self.q_proj(normed), routing).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        k = ungroup(self.k_proj(normed, routing), routing).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = ungroup(self.v_proj(normed, routing), routing).unflatten(-1, (self.num_kv_heads, self.head_dim))
         k, v = k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
@@ -104,7 +196,7 @@ class ModalityAdaptiveAttention(nn.Module):
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attention_mask, enable_gqa=self.num_kv_heads != self.num_heads
         )
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        return self.o_proj(out.transpose(1, 2).flatten(2))
 
 
 class DecoderLayer(GradientCheckpointingLayer):
@@ -120,14 +212,19 @@ class DecoderLayer(GradientCheckpointingLayer):
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor,
-        visual_mask: torch.Tensor | None,
+        routing: Partition | None,
         cache: Cache | None = None,
     ) -> torch.Tensor:
-        attended = self.self_attn(
-            self.input_layernorm(hidden_states, visual_mask), position_embeddings, attention_mask, visual_mask, cache
-        )
-        hidden_states = hidden_states + attended
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states, visual_mask))
+        """hidden_states ``[B, Q, D]`` -> ``[B, Q, D]``; ``routing``: the tokens grouped by modality (a
+        :class:`Partition` over the visual mask), None when every token is text.
+
+        The per-token parts (both norms, the projections, the MLP) run on the grouped rows; the residual stream
+        stays in sequence order.
+        """
+        normed = self.input_layernorm(group(hidden_states, routing), routing)
+        hidden_states = hidden_states + self.self_attn(normed, position_embeddings, attention_mask, routing, cache)
+        normed = self.post_attention_layernorm(group(hidden_states, routing), routing)
+        return hidden_states + ungroup(self.mlp(normed), routing)
 
 
 def causal_padding_mask(padding_mask: torch.Tensor, query_length: int) -> torch.Tensor:
@@ -174,6 +271,7 @@ class Decoder(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: Cache | None = None,
         output_hidden_states: bool = False,
+        visual_tokens: int | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Run the decoder over new tokens, attending to the cached ones.
 
@@ -184,6 +282,8 @@ class Decoder(nn.Module):
             position_ids: ``[B, Q]`` (None: counted from the mask, pads excluded).
             cache: a transformers ``Cache`` updated in place.
             output_hidden_states: return the input of every layer and the final normed output.
+            visual_tokens: True entries of ``visual_mask``, known on the host (images x tokens per image): routing
+                then never waits for the device. None with a mask: the count is read back once.
 
         Returns:
             ``[B, Q, D]`` normed hidden states, and optionally ``num_layers + 1`` tensors ``[B, Q, D]``.
@@ -196,13 +296,14 @@ class Decoder(nn.Module):
             position_ids = positions_from_mask(attention_mask, length)
         mask = causal_padding_mask(attention_mask, length)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+        routing = None if visual_mask is None else Partition.of(visual_mask, visual_tokens)
 
         hidden_states = inputs_embeds
         collected = []
         for layer in self.layers:
             if output_hidden_states:
                 collected.append(hidden_states)
-            hidden_states = layer(hidden_states, position_embeddings, mask, visual_mask, cache=cache)
+            hidden_states = layer(hidden_states, position_embeddings, mask, routing, cache=cache)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             collected.append(hidden_states)

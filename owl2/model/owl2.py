@@ -24,7 +24,7 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from owl2.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ConfigError, ModelConfig, build, to_dict
 from owl2.model.abstractor import VisualAbstractor
 from owl2.model.checkpoint_io import LoadReport, load_into, read_config, read_state_dict
-from owl2.model.decoder import Decoder, Multiway, llama_config
+from owl2.model.decoder import Decoder, Multiway, Partition, llama_config
 from owl2.model.foreign_config import model_config_from_official
 from owl2.model.keymaps import OFFICIAL, Conversion, convert
 from owl2.model.vision import VisionEncoder
@@ -92,6 +92,7 @@ class Spliced:
     attention_mask: torch.Tensor  # [B, T], 1 = real token
     visual_mask: torch.Tensor  # [B, T] bool
     labels: torch.Tensor | None  # [B, T]
+    visual_tokens: int  # True entries of visual_mask, on the host
 
 
 def splice_images(
@@ -134,7 +135,7 @@ def splice_images(
         attention_mask = torch.ones_like(input_ids)
     text_embeds = embeddings(input_ids.clamp(min=0))
     if num_images == 0:
-        return Spliced(text_embeds, attention_mask, torch.zeros_like(is_image), labels)
+        return Spliced(text_embeds, attention_mask, torch.zeros_like(is_image), labels, 0)
 
     # Each position of input_ids covers 1 slot, or per_image slots for a placeholder.
     widths = torch.where(is_image, per_image, 1)
@@ -170,7 +171,14 @@ def splice_images(
         label_bank = torch.cat([labels.flatten(), labels.new_full((num_images * per_image + 1,), IGNORE_INDEX)])
         expanded_labels = label_bank[index]
     visual_mask = (index >= batch * length) & (index < pad_row)
-    return Spliced(bank[index], mask_bank[index], visual_mask, expanded_labels)
+    return Spliced(bank[index], mask_bank[index], visual_mask, expanded_labels, num_images * per_image)
+
+
+def count_labels(input_ids: torch.Tensor, labels: torch.Tensor) -> list[int]:
+    """Per row, the labels the expanded sequence keeps (not -100, not on an image placeholder): the forward's
+    ``label_counts``. Call it on host tensors (the collate's), or it reads the device back."""
+    kept = (labels != IGNORE_INDEX) & (input_ids != IMAGE_TOKEN_INDEX)
+    return kept.sum(dim=1).tolist()
 
 
 class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
@@ -324,6 +332,7 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
         images: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         image_counts: list[int] | None = None,
+        label_counts: list[int] | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -342,13 +351,17 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
                 Positions are counted from the mask, so padding never shifts them.
             image_counts: images per row as host integers (from the collate function): the forward
                 then never waits for the device.
+            label_counts: with ``labels``, per row the labels the loss can use, as host integers
+                (:func:`count_labels` on the collate's tensors). This is the training switch: the LM head and the
+                loss then run only on the positions that predict a label, and ``logits`` is None. Leave it out
+                wherever logits are needed (generation, evaluation scoring, golden tests).
             cache: a transformers ``Cache``; created when ``use_cache`` and none is given.
             logits_to_keep: compute logits for the last this-many positions only (0 = all).
 
         Returns:
-            :class:`Owl2Output` with ``logits [B, T, vocab]`` (T = expanded length), ``loss``, ``cache``,
-            the expanded ``attention_mask``/``visual_mask``/``labels``, and ``hidden_states`` if asked
-            (the decoder input, each layer's input after the first, and the final normed output).
+            :class:`Owl2Output` with ``logits [B, T, vocab]`` (T = expanded length; None given ``label_counts``),
+            ``loss``, ``cache``, the expanded ``attention_mask``/``visual_mask``/``labels``, and ``hidden_states``
+            if asked (the decoder input, each layer's input after the first, and the final normed output).
         """
         if kwargs:
             raise TypeError(f"Owl2ForCausalLM.forward got unexpected arguments {sorted(kwargs)}")
@@ -361,7 +374,7 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
             # Decoding after a prefill: new tokens are text, the mask already covers the expanded past.
             if images is not None:
                 raise ValueError("images can only be given with the prompt, not with cached decoding steps")
-            spliced = Spliced(self.decoder.embed_tokens(input_ids), attention_mask, None, labels)
+            spliced = Spliced(self.decoder.embed_tokens(input_ids), attention_mask, None, labels, 0)
             step_visual_mask = None
         else:
             image_tokens = self.encode_images(images) if images is not None and images.shape[0] else None
@@ -376,14 +389,16 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
             visual_mask=step_visual_mask,
             cache=cache,
             output_hidden_states=bool(output_hidden_states),
+            visual_tokens=spliced.visual_tokens,
         )
-        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
-
-        loss = None
-        if spliced.labels is not None:
-            loss = F.cross_entropy(
-                logits[:, :-1].flatten(0, 1).float(), spliced.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-            )
+        if spliced.labels is not None and label_counts is not None:
+            logits, loss = None, self.label_loss(hidden, spliced.labels, sum(label_counts))
+        else:
+            logits, loss = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden), None
+            if spliced.labels is not None:
+                loss = F.cross_entropy(
+                    logits[:, :-1].flatten(0, 1).float(), spliced.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
+                )
         return Owl2Output(
             loss=loss,
             logits=logits,
@@ -393,6 +408,19 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
             visual_mask=spliced.visual_mask,
             labels=spliced.labels,
         )
+
+    def label_loss(self, hidden: torch.Tensor, labels: torch.Tensor, label_count: int) -> torch.Tensor:
+        """Mean next-token cross-entropy, the LM head run only where a label is predicted.
+
+        hidden ``[B, T, D]`` final normed states; labels ``[B, T]`` expanded; ``label_count`` (host) entries of
+        ``labels`` are not -100. Label ``j`` is predicted at position ``j - 1`` of its row; a label in a row's
+        first column has none and is ignored, which leaves the same terms as cross-entropy over all positions.
+        """
+        labelled = Partition.of(labels != IGNORE_INDEX, label_count).chosen  # [K] flat indices
+        targets = labels.flatten().index_select(0, labelled)
+        targets = torch.where(labelled % labels.shape[1] == 0, IGNORE_INDEX, targets)
+        inputs = hidden.flatten(0, 1).index_select(0, (labelled - 1).clamp(min=0))
+        return F.cross_entropy(self.lm_head(inputs).float(), targets, ignore_index=IGNORE_INDEX)
 
     # ---------------------------------------------------------------------------------------- generation
 

@@ -13,12 +13,13 @@ Two totals:
 
 - ``model``: the work the mathematics needs. Each decoder token goes through its own modality's K/V copy;
   causal attention counts the lower triangle (query ``i`` sees ``i + 1`` keys). This is the MFU numerator.
-- ``hardware``: what the implementation executes. With images in the batch both K/V copies run on every token
-  (``Multiway`` picks per token with ``torch.where``); attention with the explicit padding mask computes the
-  full square; activation checkpointing re-runs the forward of every checkpointed layer that gradients pass
-  through (decoder layers, vision blocks, abstractor layers), up to the layer's last projection: PyTorch's
-  non-reentrant checkpoint stops recomputing once the last saved tensor is back, and the final matmul (the MLP's
-  down projection) saves nothing its own backward lacks.
+- ``hardware``: what the implementation executes. Each token runs through its own modality's K/V copy only (the
+  decoder routes by span), as in ``model``; attention with the explicit padding mask computes the full square;
+  in training (the forward given ``label_counts``) the LM head runs on the label positions only; activation
+  checkpointing re-runs the forward of every checkpointed layer that gradients pass through (decoder layers,
+  vision blocks, abstractor layers), up to the layer's last projection: PyTorch's non-reentrant checkpoint stops
+  recomputing once the last saved tensor is back, and the final matmul (the MLP's down projection) saves nothing
+  its own backward lacks.
 
 Padding is not counted: a batch's figures are the sums over its rows' real tokens.
 """
@@ -108,14 +109,18 @@ class FlopModel:
         ``tokens_per_image`` decoder tokens)."""
         return self.batch([text_tokens], [images])
 
-    def batch(self, text_tokens: Sequence[int], images: Sequence[int]) -> Flops:
-        """A padded batch, per row: its real non-image tokens and its images (padding is not counted)."""
-        if len(text_tokens) != len(images):
-            raise ValueError(f"text_tokens has {len(text_tokens)} rows but images has {len(images)}")
+    def batch(self, text_tokens: Sequence[int], images: Sequence[int], labels: Sequence[int] | None = None) -> Flops:
+        """A padded batch, per row: its real non-image tokens and its images (padding is not counted), and the
+        labels the LM head runs on (the forward's ``label_counts``; None: the head runs on every token)."""
+        labels = [None] * len(text_tokens) if labels is None else labels
+        if not len(text_tokens) == len(images) == len(labels):
+            raise ValueError(
+                f"text_tokens, images and labels have {len(text_tokens)}, {len(images)} and {len(labels)} rows"
+            )
         any_images = sum(images) > 0
         total = self._image.scaled(sum(images))
-        for text, count in zip(text_tokens, images, strict=True):
-            total = total + self._decoder(text, count, any_images)
+        for text, count, labelled in zip(text_tokens, images, labels, strict=True):
+            total = total + self._decoder(text, count, any_images, labelled)
         return total
 
     # ------------------------------------------------------------------------------------------ towers
@@ -153,9 +158,10 @@ class FlopModel:
         total = config.num_layers * layer + projection
         return Flops(total, total + config.num_layers * recompute)
 
-    def _decoder(self, text: int, images: int, any_images: bool) -> Flops:
-        """One row through the decoder layers and the LM head; ``any_images``: the batch holds images (then both
-        K/V copies run on every token)."""
+    def _decoder(self, text: int, images: int, any_images: bool, labelled: int | None) -> Flops:
+        """One row through the decoder layers and the LM head; ``any_images``: the batch holds images (then
+        gradients may flow through the decoder to the image towers); ``labelled``: the LM head's rows as run
+        (None: every token)."""
         config, trains = self.spec.decoder, self.trainable
         image_tokens = images * self.tokens_per_image
         length = text + image_tokens
@@ -168,13 +174,14 @@ class FlopModel:
         visual_kv = _weighted(kv_forward, grads, trains.visual)
         causal_forward = 2 * width * length * (length + 1)
         square_forward = 4 * width * length * length
-        model_layer = shared + text * text_kv + image_tokens * visual_kv + _attention(causal_forward, grads)
-        executed_kv = length * (text_kv + visual_kv) if any_images else length * text_kv
-        hardware_layer = shared + executed_kv + _attention(square_forward, grads)
+        kv = text * text_kv + image_tokens * visual_kv
+        model_layer = shared + kv + _attention(causal_forward, grads)
+        hardware_layer = shared + kv + _attention(square_forward, grads)
         recompute = 0.0
         if self.checkpointing and grads:
             down = 2 * length * config.intermediate_size * width  # not recomputed
-            recompute = shared_forward + square_forward + length * kv_forward * (2 if any_images else 1) - down
-        head = _weighted(2 * length * width * config.vocab_size, grads, trains.lm_head)
+            recompute = shared_forward + square_forward + length * kv_forward - down
+        head = _weighted(2 * width * config.vocab_size, grads, trains.lm_head)
+        executed_head = head * (length if labelled is None else labelled)
         layers = config.num_layers
-        return Flops(layers * model_layer + head, layers * (hardware_layer + recompute) + head)
+        return Flops(layers * model_layer + head * length, layers * (hardware_layer + recompute) + executed_head)

@@ -20,7 +20,8 @@ Q, K, V, the output and the log-sum-exp, and the boolean padding mask turns into
 input plus one layer's internals (the one being recomputed). The backward pass adds a working set: the
 gradients flowing through one layer's MLP (three ``[tokens, intermediate]`` and two ``[tokens, width]`` tensors in
 the compute dtype) for the widest tower. The logits cost 12 B each at the loss: the fp32
-log-softmax the loss saves, its gradient and the gradient of its input.
+log-softmax the loss saves, its gradient and the gradient of its input. Training computes them at the label
+positions only; the estimate takes every token as labelled (the upper bound, as the labels depend on the data).
 
 Gradient accumulation keeps the gradients between micro-batches, so the peak is the sum of all parts.
 
@@ -144,7 +145,8 @@ def _decoder_stack(spec: ModelConfig, trainable: Trainable, work: Workload) -> _
     if not trainable.decoder_grads(images):
         return _Stack(config.num_layers, 0.0, 0.0)
     residual32 = not work.bf16 or trainable.decoder  # fp32 embeddings (masters) make the residual stream fp32
-    per_token = _decoder_layer(spec, trainable, images, 2 if work.bf16 else 4, residual32)
+    visual_share = min(1.0, work.images_per_row * spec.tokens_per_image / work.length)
+    per_token = _decoder_layer(spec, trainable, visual_share, 2 if work.bf16 else 4, residual32)
     mask_bias = work.micro_batch * work.length**2 * (2 if work.bf16 else 4)
     residual = tokens * config.hidden_size * (4 if residual32 else 2)
     working = _working(tokens, config.hidden_size, config.intermediate_size, work)
@@ -155,22 +157,24 @@ def _working(tokens: int, width: int, inner: int, work: Workload) -> float:
     return tokens * (3 * inner + 2 * width) * (2 if work.bf16 else 4)
 
 
-def _decoder_layer(spec: ModelConfig, trainable: Trainable, images: bool, compute: int, residual32: bool) -> float:
-    """Saved bytes per token of one decoder layer (gradients pass through it).
+def _decoder_layer(
+    spec: ModelConfig, trainable: Trainable, visual_share: float, compute: int, residual32: bool
+) -> float:
+    """Saved bytes per token of one decoder layer (gradients pass through it); ``visual_share``: the fraction of
+    the tokens that are image tokens.
 
-    Both RMSNorms save their input in fp32 (one fp32 copy per modality copy when the residual is bf16) and, where
-    the norm's weight trains, the normalised input. Q, K, V, the attention output and the log-sum-exp are saved by
-    the attention kernel; the inputs of trainable linears (the norms' outputs, the attention output reshaped for
-    O) are saved in the compute dtype; the SwiGLU saves its gate, its activation and its up projection, and the
-    down projection's input when the MLP trains.
+    Each token goes through its own modality's norm copies (routing by span): both RMSNorms save their input in
+    fp32 and, where the copy's weight trains, the normalised input. Q, K, V, the attention output and the
+    log-sum-exp are saved by the attention kernel; the inputs of trainable linears (the norms' outputs, the
+    attention output reshaped for O) are saved in the compute dtype; the SwiGLU saves its gate, its activation
+    and its up projection, and the down projection's input when the MLP trains.
     """
     config = spec.decoder
     width, kv_width, inner = config.hidden_size, config.num_kv_heads * config.head_dim, config.intermediate_size
-    copies = 2 if images else 1
-    shared, visual = trainable.decoder, trainable.visual and images
+    shared, visual = trainable.decoder, trainable.visual and visual_share > 0
     residual_bytes = 4 if residual32 else 2
-    norm_inputs = 2 * 4 * width * (1 if residual32 else copies)
-    normed = 2 * residual_bytes * width * (shared + visual)
+    norm_inputs = 2 * 4 * width
+    normed = 2 * residual_bytes * width * (shared * (1 - visual_share) + trainable.visual * visual_share)
     linear_inputs = compute * width * ((shared or visual) + shared + shared)  # QKV input, MLP input, O input
     attention = compute * (2 * width + 2 * kv_width) + 4 * config.num_heads
     mlp = compute * inner * (3 + shared)

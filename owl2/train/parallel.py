@@ -185,8 +185,8 @@ def _visit_every_unit(
     rank must run the same units with the same gradients present, or the collectives disagree and the job
     hangs. A rank whose micro-batch is all text would skip the vision encoder, the abstractor and the visual
     copies of the decoder's norms and K/V while another rank runs them. So a text-only forward encodes one
-    black image and adds ``0 *`` its sum to the embeddings, and routes every token through both branches
-    with an all-text mask (each token still takes its text copy: the output is unchanged).
+    black image and adds ``0 *`` its sum to the embeddings, and routes with an all-text mask: the visual
+    copies run on no token (their gradients are zeros) and the output is unchanged.
     """
     if kwargs.get("visual_mask") is not None:
         return None
@@ -194,7 +194,8 @@ def _visit_every_unit(
     size = owl2.vision.patch_embed.img_size
     black = embeds.new_zeros(1, 3, size[0], size[1])
     zero = owl2.encode_images(black).sum().to(embeds.dtype) * 0
-    kwargs = {**kwargs, "visual_mask": torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)}
+    all_text = torch.zeros(embeds.shape[:2], dtype=torch.bool, device=embeds.device)
+    kwargs = {**kwargs, "visual_mask": all_text, "visual_tokens": 0}
     if args:
         return (embeds + zero, *args[1:]), kwargs
     return args, {**kwargs, "inputs_embeds": embeds + zero}

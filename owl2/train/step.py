@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from owl2.data.pipeline import Batch
+from owl2.model.owl2 import count_labels
 from owl2.plan.flops import FlopModel
 from owl2.train import parallel
 from owl2.train.window import LogWindow
@@ -64,11 +65,13 @@ class TrainStep:
         bf16 = self.dtype == torch.bfloat16
         for micro in range(self.accumulation):
             batch = next_batch()
+            labels = count_labels(batch.input_ids, batch.labels)  # on the host: the head runs on label positions
             with parallel.gradient_sync(self.model, sync=micro == self.accumulation - 1):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss = self.model(**batch.to(self.device, self.dtype), use_cache=False).loss
+                    inputs = batch.to(self.device, self.dtype)
+                    loss = self.model(**inputs, use_cache=False, label_counts=labels).loss
                 (loss / self.accumulation).backward()
-            window.add(batch, loss, flop_model)
+            window.add(batch, loss, flop_model, labels)
         window.grad_norm = parallel.clip_grad_norm(self.model, self.grad_clip)
         self.guarded_update(window.grad_norm)
 

@@ -8,6 +8,7 @@ import torch.distributed as dist
 from owl2.config import IGNORE_INDEX, ValidationConfig
 from owl2.data.pipeline import Batch, Collator, encoded, iterate
 from owl2.data.sample import SkipStats
+from owl2.model.owl2 import count_labels
 
 
 class HeldOut:
@@ -54,7 +55,8 @@ class HeldOut:
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, supervised tokens
         for batch in self.batches():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                out = model(**batch.to(device, dtype), use_cache=False)
+                labels = count_labels(batch.input_ids, batch.labels)
+                out = model(**batch.to(device, dtype), use_cache=False, label_counts=labels)
             tokens = (out.labels[:, 1:] != IGNORE_INDEX).sum()
             totals += torch.stack([out.loss.double() * tokens, tokens.double()])
         if dist.is_available() and dist.is_initialized():

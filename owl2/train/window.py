@@ -62,8 +62,9 @@ class LogWindow:
         self.loss_sum = torch.zeros((), dtype=torch.float64, device=self.device)
         self.grad_norm = torch.full((), float("nan"), device=self.device)
 
-    def add(self, batch: Batch, loss: torch.Tensor, flop_model: FlopModel) -> None:
-        """Count a micro-batch (``batch`` on the host, ``loss`` its mean loss on the device); never reads it."""
+    def add(self, batch: Batch, loss: torch.Tensor, flop_model: FlopModel, labels: list[int] | None = None) -> None:
+        """Count a micro-batch (``batch`` on the host, ``loss`` its mean loss on the device); never reads it.
+        ``labels``: label positions per row, where the LM head ran (None: every position)."""
         supervised = supervised_tokens(batch)
         self.loss_sum = self.loss_sum + loss.detach().double() * supervised
         self.supervised += supervised
@@ -74,7 +75,7 @@ class LogWindow:
         # Each image is one placeholder among the row's real tokens.
         lengths = batch.attention_mask.sum(dim=1).tolist()
         text = [length - count for length, count in zip(lengths, batch.image_counts, strict=True)]
-        flops = flop_model.batch(text, batch.image_counts)
+        flops = flop_model.batch(text, batch.image_counts, labels)
         self.model_flops += flops.model
         self.hardware_flops += flops.hardware
 
