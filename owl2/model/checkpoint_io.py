@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from owl2.folders import has_manifest, verify
 from owl2.model.keymaps import Conversion
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,10 @@ def _is_torchscript(file: Path) -> bool:
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
+    """``config.json`` of a model folder; a folder owl2 wrote (it has a manifest) or a training checkpoint (it
+    has ``state.json``, and must have a manifest) is verified first, whole."""
+    if has_manifest(folder) or (Path(folder) / "state.json").is_file():
+        verify(folder)
     config_file = Path(folder) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} has no config.json")
