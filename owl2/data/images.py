@@ -1,5 +1,9 @@
 """Image loading for training: bytes -> RGB -> square ``uint8 [3, S, S]``, with every failure named.
 
+:func:`load` turns any failure of one record's image into a :class:`BadImage` (a named skip): paths that are
+no regular file (a FIFO would hang the worker, ``/dev/zero`` never ends), files over the byte limit, web URLs,
+and whatever the decoder, EXIF rotation, colour conversion or resizing raise, ``MemoryError`` included.
+
 Normalisation happens on the device (:func:`normalize`): shipping ``uint8`` moves a quarter of the
 bytes of ``float32`` through the object store and the host-to-device copy.
 """
@@ -20,12 +24,12 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from owl2.config.data import DEFAULT_MAX_IMAGE_BYTES
+from owl2.data.sample import WEB_SCHEMES
 
 # OpenAI CLIP statistics, as in the released preprocessor_config.json.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PAD_COLOUR = tuple(round(255 * m) for m in CLIP_MEAN)
-WEB_SCHEMES = ("http://", "https://")
 
 
 class BadImage(Exception):

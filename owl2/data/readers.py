@@ -10,7 +10,10 @@ Every reader reads whole files as bytes with Ray Data (local paths or any URI py
 ``s3://``) and parses them in tasks, so a broken row becomes a sample with ``error="malformed_record"``
 instead of failing the dataset, and every sample gets a unique ``origin`` (``file:row``) from which the
 deterministic order is derived. A file that cannot be parsed at all (a truncated JSON array, a corrupt
-tar) fails the read with an error naming the file.
+tar, a JSON or CSV file that is not UTF-8) fails the read with a one-line error naming the file (and the byte
+offset); a JSONL line that is not UTF-8 is one skipped sample (``not_utf8``). Image paths are checked here
+(web URLs; paths out of the image root, see ``SourceConfig.allow_paths_outside_root``), and shard members
+over the byte limits (:class:`ReadLimits`) are skipped without being inflated.
 
 :func:`list_files` names a source's files without reading them, and :func:`read` can read a chosen few of
 them: a training worker reads only its own share (``pipeline.py``).
@@ -32,7 +35,7 @@ import ray.data
 
 from owl2.config import IMAGE_PLACEHOLDER, SourceConfig
 from owl2.config.data import DEFAULT_MAX_IMAGE_BYTES, DEFAULT_MAX_TEXT_BYTES
-from owl2.data.sample import make_sample
+from owl2.data.sample import WEB_SCHEMES, make_sample
 
 FILE_EXTENSIONS = {"llava": ("json", "jsonl"), "captions": ("jsonl", "csv", "parquet"), "webdataset": ("tar",)}
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp", "bmp", "gif", "tif", "tiff")
@@ -41,7 +44,6 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 _IMAGE_PATH_COLUMNS = ("image", "image_path", "file_name", "path", "filepath")
 _IMAGE_BYTES_COLUMNS = ("image_bytes", "jpg", "jpeg", "png", "webp", "bytes")
 _CAPTION_COLUMNS = ("caption", "text", "txt")
-WEB_SCHEMES = ("http://", "https://")
 
 
 @dataclass(frozen=True)

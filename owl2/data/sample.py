@@ -31,6 +31,8 @@ from typing import Any
 SAMPLE_COLUMNS = ("id", "origin", "source", "task", "messages", "images", "image_bytes", "error", "detail")
 
 TASKS = ("chat", "caption")
+# Image URIs never read: a run that depends on web servers cannot be repeated (skip reason ``web_url``).
+WEB_SCHEMES = ("http://", "https://")
 
 # Why a record was skipped. Stable names: they become metric names in MLflow.
 SKIP_REASONS = {
