@@ -73,7 +73,10 @@ def _truncate(path: Path) -> None:
 def test_a_damaged_checkpoint_is_refused_with_one_line_naming_the_folder_and_the_file(tmp_path, model, damage, message):
     folder = _save(tmp_path / "checkpoint", model, step=3)
     damage(folder)
-    for load in (lambda: _load(folder, model), lambda: Owl2ForCausalLM.from_pretrained(folder)):
+    loads = [lambda: _load(folder, model)]
+    if (folder / MANIFEST).exists():  # without a manifest (a released model, an older checkpoint) weights load
+        loads.append(lambda: Owl2ForCausalLM.from_pretrained(folder))
+    for load in loads:
         with pytest.raises(DamagedFolder, match=f"^checkpoint {folder} is damaged: {message}") as error:
             load()
         assert "\n" not in str(error.value)

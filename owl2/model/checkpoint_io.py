@@ -70,9 +70,10 @@ def _is_torchscript(file: Path) -> bool:
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
-    """``config.json`` of a model folder; a folder owl2 wrote (it has a manifest) or a training checkpoint (it
-    has ``state.json``, and must have a manifest) is verified first, whole."""
-    if has_manifest(folder) or (Path(folder) / "state.json").is_file():
+    """``config.json`` of a model folder; a folder with owl2's manifest (a checkpoint, a converted model) is
+    verified first, whole. Folders without one (released models, checkpoints older than manifests) load as
+    before; resuming training requires the manifest (``owl2.train.checkpoint``)."""
+    if has_manifest(folder):
         verify(folder)
     config_file = Path(folder) / "config.json"
     if not config_file.is_file():
