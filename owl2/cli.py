@@ -25,6 +25,7 @@ from owl2.config import (
     to_dict,
 )
 from owl2.errors import StageFailed
+from owl2.folders import DamagedFolder
 from owl2.tables import Column, format_table
 
 # Exit code for a bad command line or configuration, as argparse uses for usage errors.
@@ -46,7 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     _quiet_mlflow()
     try:
         return args.handler(args)
-    except (ConfigError, FileNotFoundError) as error:
+    except (ConfigError, FileNotFoundError, DamagedFolder) as error:
         print(f"owl2: error: {error}", file=sys.stderr)
         return USAGE_ERROR
     except StageFailed as error:  # the cause is in the message; the traceback would bury it
@@ -275,14 +276,16 @@ TOKENIZER_FILES = ("tokenizer.model", "tokenizer_config.json", "special_tokens_m
 def _model_convert(args: argparse.Namespace) -> int:
     import shutil
 
+    from owl2.folders import replacing
     from owl2.model.owl2 import Owl2ForCausalLM
 
     model = Owl2ForCausalLM.from_pretrained(args.source, dtype=_dtype(args.dtype))
-    model.save_pretrained(args.out)
     source = Path(args.source)
     copied = [name for name in TOKENIZER_FILES if (source / name).is_file()]
-    for name in copied:
-        shutil.copy2(source / name, Path(args.out) / name)
+    with replacing(args.out) as staging:  # an existing --out is replaced whole, never left half-written
+        model.save_pretrained(staging)
+        for name in copied:
+            shutil.copy2(source / name, staging / name)
     print(f"wrote {args.out} ({sum(p.numel() for p in model.parameters()):,} parameters, {model.dtype})")
     if "tokenizer.model" not in copied:
         print(f"note: {source} has no tokenizer.model; pass --tokenizer when you use {args.out}")
@@ -290,6 +293,7 @@ def _model_convert(args: argparse.Namespace) -> int:
 
 
 def _model_build(args: argparse.Namespace) -> int:
+    from owl2.folders import replacing
     from owl2.model.build import build_from_llama_and_clip
 
     if args.overrides and not args.preset:
@@ -298,7 +302,8 @@ def _model_build(args: argparse.Namespace) -> int:
     model = build_from_llama_and_clip(
         args.llama, args.clip, spec=spec, image_size=args.image_size, dtype=_dtype(args.dtype)
     )
-    model.save_pretrained(args.out)
+    with replacing(args.out) as staging:
+        model.save_pretrained(staging)
     new = len(model.load_report.missing)
     print(f"wrote {args.out}: decoder from {args.llama}, vision from {args.clip}, {new} new abstractor tensors")
     return 0

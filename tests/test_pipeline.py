@@ -287,10 +287,10 @@ def test_the_workers_shares_hold_every_sample_copy_once(tmp_path, spm_tokenizer_
 def _logging_parser(parse, log: Path):
     """``parse``, noting each file it is given in ``log`` (appended from the Ray tasks)."""
 
-    def logged(data, path, source):
+    def logged(data, path, source, *limits):
         with open(log, "a") as file:
             file.write(path + "\n")
-        return parse(data, path, source)
+        return parse(data, path, source, *limits)
 
     return logged
 

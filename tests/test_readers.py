@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from owl2.config import IMAGE_PLACEHOLDER, SourceConfig
-from owl2.data.readers import list_files, read
+from owl2.data.readers import ReadLimits, list_files, parse_file, read
 from owl2.data.sample import decode_messages
 
 
@@ -177,3 +177,92 @@ def test_unknown_format_is_a_config_error():
 
     with pytest.raises(ConfigError, match="format 'coco' must be one of"):
         SourceConfig(format="coco", path="x")
+
+
+# ------------------------------------------------------------------------------------------------ poison records
+
+
+def _llava(image=None, id="r"):
+    record = {"id": id, "conversations": [{"from": "human", "value": "<image>Q"}, {"from": "gpt", "value": "A"}]}
+    return {**record, "image": image} if image is not None else record
+
+
+def _parsed(path, source):
+    return list(parse_file(path.read_bytes(), str(path), source))
+
+
+def test_a_jsonl_line_that_is_not_utf8_is_a_named_skip_with_its_line(ray_cluster, tmp_path):
+    good = json.dumps(_llava("a.png", "good")).encode()
+    (tmp_path / "data.jsonl").write_bytes(b"\xef\xbb\xbf" + good + b"\n" + good[:-2] + b"\xff\xfe}\n" + good + b"\n")
+    rows = list(read(SourceConfig(format="llava", path=str(tmp_path / "data.jsonl"))).take_all())
+    assert sorted(row["error"] for row in rows) == ["", "", "not_utf8"]  # the byte-order mark is no problem
+    bad = next(row for row in rows if row["error"])
+    assert bad["origin"] == f"{tmp_path / 'data.jsonl'}:1" and "row 1: not UTF-8 at byte" in bad["detail"]
+
+
+def test_json_and_csv_files_that_are_not_utf8_name_the_file_and_the_offset_and_a_csv_bom_is_read(tmp_path):
+    (tmp_path / "bad.json").write_bytes(b'[{"id": "caf\xe9"}]')
+    with pytest.raises(ValueError, match=r"bad\.json is not UTF-8: byte 12 \(0xe9\)"):
+        _parsed(tmp_path / "bad.json", SourceConfig(format="llava", path=str(tmp_path / "bad.json")))
+    (tmp_path / "bad.csv").write_bytes(b"image,caption\na.png,caf\xe9\n")
+    with pytest.raises(ValueError, match=r"bad\.csv is not UTF-8: byte 23 \(0xe9\)"):
+        _parsed(tmp_path / "bad.csv", SourceConfig(format="captions", path=str(tmp_path / "bad.csv")))
+    (tmp_path / "bom.csv").write_bytes("\ufeffimage,caption\na.png,café\n".encode())
+    [row] = _parsed(tmp_path / "bom.csv", SourceConfig(format="captions", path=str(tmp_path / "bom.csv")))
+    assert row["error"] == "" and row["images"] == [str(tmp_path / "a.png")]
+    assert decode_messages(row["messages"])[1]["content"] == "café"
+
+
+def test_image_paths_are_kept_inside_the_root_unless_the_source_allows_otherwise(tmp_path):
+    records = [
+        _llava("imgs/ok.png", "inside"),
+        _llava("imgs/../imgs/ok.png", "dots-inside"),
+        _llava("../secret.png", "dots-out"),
+        _llava("/etc/passwd", "absolute"),
+        _llava(str(tmp_path / "root" / "x.png"), "absolute-inside"),
+        _llava("s3://other-bucket/x.png", "other-bucket"),
+        _llava("https://example.com/x.png", "web"),
+        _llava(["imgs/ok.png", "/dev/zero"], "second-out"),
+    ]
+    (tmp_path / "data.json").write_text(json.dumps(records))
+    source = SourceConfig(format="llava", path=str(tmp_path / "data.json"), image_root=str(tmp_path / "root"))
+    rows = _parsed(tmp_path / "data.json", source)
+    outside = "outside_image_root"
+    assert [row["error"] for row in rows] == ["", "", outside, outside, "", outside, "web_url", outside]
+    assert rows[1]["images"] == [str(tmp_path / "root" / "imgs/../imgs/ok.png")]  # kept as named, once checked
+    assert "row 3: image '/etc/passwd' is outside the image root" in rows[3]["detail"]
+
+    lenient = SourceConfig(
+        format="llava",
+        path=str(tmp_path / "data.json"),
+        image_root=str(tmp_path / "root"),
+        allow_paths_outside_root=True,
+    )
+    errors = [row["error"] for row in _parsed(tmp_path / "data.json", lenient)]
+    assert errors == ["", "", "", "", "", "", "web_url", ""]  # web URLs are never read
+
+    captions = tmp_path / "c.jsonl"
+    captions.write_text(json.dumps({"image": "../up.png", "caption": "c"}) + "\n")
+    [caption] = _parsed(captions, SourceConfig(format="captions", path=str(captions)))  # root: the file's folder
+    assert caption["error"] == "outside_image_root"
+
+
+def test_a_compressed_shard_never_inflates_an_oversized_member(tmp_path):
+    shard = tmp_path / "shard.tar"  # gzip inside, as webdataset writers name them
+    with tarfile.open(shard, "w:gz") as archive:
+        for name, data in [
+            ("ok.jpg", b"jpeg"),
+            ("ok.txt", b"fine"),
+            ("huge.png", bytes(4096)),  # zeros: a bomb in miniature
+            ("huge.txt", b"x"),
+            ("long.jpg", b"j"),
+            ("long.json", b" " * 2048),
+        ]:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+    source = SourceConfig(format="webdataset", path=str(shard))
+    rows = list(parse_file(shard.read_bytes(), str(shard), source, ReadLimits(image_bytes=1024, text_bytes=1024)))
+    assert [row["error"] for row in rows] == ["", "too_many_bytes", "too_many_bytes"]
+    assert "'huge.png' has 4,096 bytes, over the 1,024 limit" in rows[1]["detail"]
+    assert "'long.json' has 2,048 bytes" in rows[2]["detail"]

@@ -1,11 +1,13 @@
-"""``owl2 data stats`` on a shapes world with a few broken records added."""
+"""``owl2 data stats`` on a shapes world with a few broken records added, and with poison records."""
 
 import json
+import os
 import shutil
 
 import pytest
 
 from owl2.cli import main
+from owl2.data.sample import SKIP_REASONS
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +60,46 @@ def test_stats_rejects_a_bad_template_before_any_work(capsys):
     with pytest.raises(SystemExit):
         main(["data", "stats", "--format", "llava", "--path", "x.json", "--tokenizer", "t", "--template", "chatml"])
     assert "invalid choice: 'chatml'" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def poisoned(tmp_path_factory, shapes_world):
+    """A JSONL copy of the world's LLaVA records plus one poison record of each kind the pipeline must survive."""
+    from PIL import Image
+
+    root = tmp_path_factory.mktemp("poisoned") / "shapes_world"
+    shutil.copytree(shapes_world, root)
+    os.mkfifo(root / "images" / "train" / "pipe.png")  # opening it would hang the worker
+    exif = Image.Exif()
+    exif[0x0112], exif[0x010F] = 6, "cam"
+    raw = bytearray(exif.tobytes())
+    raw[6 + 11], raw[6 + 18] = 41, 229  # Pillow's EXIF rotation raises struct.error on this one
+    Image.new("RGB", (8, 6)).save(root / "images" / "train" / "rotated.jpg", "JPEG", exif=bytes(raw))
+    records = json.loads((root / "llava" / "train.json").read_text())
+    template = next(record for record in records if "image" in record)
+    poison = {
+        "bad_path": "images/train/a\0b.png",
+        "not_a_file": "images/train/pipe.png",
+        "web_url": "https://example.com/cat.png",
+        "outside_image_root": "../../etc/passwd",
+        "image_error": "images/train/rotated.jpg",
+    }
+    lines = [json.dumps(record).encode() for record in records]
+    lines += [json.dumps({**template, "id": reason, "image": image}).encode() for reason, image in poison.items()]
+    lines.append(b'{"id": "latin-1", "caf\xe9": 1}')
+    (root / "llava" / "train.jsonl").write_bytes(b"\n".join(lines) + b"\n")
+    return root, len(lines), [*poison, "not_utf8"]
+
+
+def test_stats_survive_every_poison_record_and_name_each_reason_with_its_origin(ray_cluster, poisoned, capsys):
+    root, total, reasons = poisoned
+    data = root / "llava" / "train.jsonl"
+    args = ["data", "stats", "--format", "llava", "--path", str(data), "--image-root", str(root)]
+    args += ["--tokenizer", str(root / "tokenizer"), "--preset", "tiny-cpu", "--image-size", "112"]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["total"] == total and summary["skipped"] == {reason: 1 for reason in reasons}
+    assert summary["skip_reasons"] == {reason: SKIP_REASONS[reason] for reason in sorted(reasons)}
+    for row, reason in enumerate(reasons, start=total - len(reasons)):
+        [example] = summary["skip_examples"][reason]
+        assert example.startswith(f"{data}:{row}: ") or f"{data} row {row}: " in example, (reason, example)

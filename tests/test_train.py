@@ -176,3 +176,18 @@ def test_data_that_is_all_bad_ends_the_stage_at_once_without_restarts(ray_cluste
     with pytest.raises(StageFailed, match=r"stage stage1 failed, not retried: worker 0: .*missing_file"):
         run_experiment(experiment, stages=["stage1"])
     assert "resuming" not in capsys.readouterr().out
+
+
+def test_a_resume_whose_latest_checkpoint_is_damaged_starts_from_the_one_before(ray_cluster, world, tmp_path):
+    # Checkpoints at steps 2 and 4, a crash after the second; its weights are then cut short on storage.
+    steps = "stages.stage1.max_steps=6"
+    write_plan(world / "runs", [Fault(run="damaged-stage1", step=4, marker=str(tmp_path / "crashed"))])
+    with pytest.raises(ray.train.TrainingFailedError):
+        run_experiment(_experiment(world, "damaged", steps, "max_failures=0"), stages=["stage1"])
+    latest = sorted(path for path in (world / "runs" / "damaged-stage1").glob("checkpoint_*") if path.is_dir())[-1]
+    assert json.loads((latest / "state.json").read_text())["step"] == 4
+    weights = latest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+
+    resumed = run_experiment(_experiment(world, "damaged", steps), stages=["stage1"])[0]
+    assert _state(resumed)["resumed_at"] == [2] and _state(resumed)["step"] == 6

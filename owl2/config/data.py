@@ -11,6 +11,9 @@ from owl2.config.core import at_least, check, in_range, one_of, positive
 DATA_FORMATS = ("llava", "captions", "webdataset")
 TEMPLATE_NAMES = ("mplug_owl2", "vicuna_v1")
 RESIZE_MODES = ("stretch", "pad", "crop")
+MIB = 1024 * 1024
+DEFAULT_MAX_IMAGE_BYTES = 64 * MIB
+DEFAULT_MAX_TEXT_BYTES = 16 * MIB
 
 
 @dataclasses.dataclass
@@ -26,6 +29,13 @@ class SourceConfig:
     """File(s) or folder(s); local paths or URIs such as ``s3://bucket/prefix``."""
     image_root: str | None = None
     """Folder that relative image paths are under (default: beside the data file)."""
+    allow_paths_outside_root: bool = False
+    """Follow image paths that lead out of the root (``image_root``, else the data file's folder): absolute
+    paths elsewhere, ``..`` above the root, URIs of another bucket. Off: such a record is skipped as
+    ``outside_image_root``, so a data file cannot make a worker read (or hang on) any file it can reach.
+    Symbolic links inside the root are followed either way: whoever placed them owns the root. Web URLs
+    (``http://``, ``https://``) are never read, this key or not: a training run depending on web servers is
+    not reproducible; download the images first (skip reason ``web_url``)."""
     name: str | None = None
     """Label in metrics (default: the file's stem)."""
     weight: float = 1.0
@@ -35,6 +45,10 @@ class SourceConfig:
     def __post_init__(self) -> None:
         one_of(self.format, DATA_FORMATS, "source.format")
         check(bool(self.path), "source.path must not be empty")
+        check(
+            isinstance(self.allow_paths_outside_root, bool),
+            f"source.allow_paths_outside_root must be true or false, got {self.allow_paths_outside_root!r}",
+        )
         positive(self.weight, "source.weight")
 
     @property
@@ -60,6 +74,11 @@ class DataConfig:
     official fine-tuning), or ``crop`` (shortest side, then centre crop)."""
     max_image_pixels: int = 64_000_000
     """Larger images are skipped as possible decompression bombs."""
+    max_image_bytes: int = DEFAULT_MAX_IMAGE_BYTES
+    """Larger image files (or inline images, or tar members) are skipped as ``too_many_bytes``: checked from the
+    size before reading, and again while reading a remote file."""
+    max_text_bytes: int = DEFAULT_MAX_TEXT_BYTES
+    """Larger text members of a webdataset shard (``.json``, ``.txt``) are skipped as ``too_many_bytes``."""
     max_bad_fraction: float = 0.05
     """Stop when more than this fraction of the records seen so far was skipped (after ``min_records_for_check``)."""
     min_records_for_check: int = 200
@@ -73,6 +92,9 @@ class DataConfig:
         one_of(self.resize, RESIZE_MODES, "data.resize")
         positive(self.max_length, "data.max_length")
         positive(self.image_size, "data.image_size")
+        positive(self.max_image_pixels, "data.max_image_pixels")
+        positive(self.max_image_bytes, "data.max_image_bytes")
+        positive(self.max_text_bytes, "data.max_text_bytes")
         in_range(self.max_bad_fraction, 0, 1, "data.max_bad_fraction")
         at_least(self.tokenizer_actors, 1, "data.tokenizer_actors")
         labels = [source.label for source in self.sources]

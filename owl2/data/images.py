@@ -1,5 +1,9 @@
 """Image loading for training: bytes -> RGB -> square ``uint8 [3, S, S]``, with every failure named.
 
+:func:`load` turns any failure of one record's image into a :class:`BadImage` (a named skip): paths that are
+no regular file (a FIFO would hang the worker, ``/dev/zero`` never ends), files over the byte limit, web URLs,
+and whatever the decoder, EXIF rotation, colour conversion or resizing raise, ``MemoryError`` included.
+
 Normalisation happens on the device (:func:`normalize`): shipping ``uint8`` moves a quarter of the
 bytes of ``float32`` through the object store and the host-to-device copy.
 """
@@ -7,16 +11,25 @@ bytes of ``float32`` through the object store and the host-to-device copy.
 from __future__ import annotations
 
 import io
+import math
+import os
+import stat
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import cache, lru_cache
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from owl2.config.data import DEFAULT_MAX_IMAGE_BYTES
+from owl2.data.sample import WEB_SCHEMES
+
 # OpenAI CLIP statistics, as in the released preprocessor_config.json.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PAD_COLOUR = tuple(round(255 * m) for m in CLIP_MEAN)
 
 
 class BadImage(Exception):
@@ -35,22 +48,63 @@ def _filesystem(root: str):
     return fs.FileSystem.from_uri(root)[0]
 
 
-def read_bytes(path: str) -> bytes:
-    """The file's bytes, from a local path or a URI (``s3://``, ``gs://``, ``file://``, ...)."""
+def read_bytes(path: str, max_bytes: int = DEFAULT_MAX_IMAGE_BYTES) -> bytes:
+    """The file's bytes, from a local path or a URI (``s3://``, ``gs://``, ``file://``, ...).
+
+    Only regular files of at most ``max_bytes`` are read (checked from the size before reading, and again
+    while reading); web URLs are never fetched. Every refusal is a :class:`BadImage`.
+    """
+    if path.startswith(WEB_SCHEMES):
+        raise BadImage("web_url", f"{path}: web URLs are not downloaded at training time; fetch the images first")
+    if "\0" in path:
+        raise BadImage("bad_path", f"{path!r}: the path holds a NUL byte")
     try:
-        if "://" in path:
-            scheme, rest = path.split("://", 1)
-            bucket = "" if scheme == "file" else rest.split("/", 1)[0]
-            with _filesystem(f"{scheme}://{bucket}/").open_input_stream(rest) as stream:
-                data = stream.read()
+        if "://" in path and not path.startswith("file://"):
+            data = _read_remote(path, max_bytes)
         else:
-            with open(path, "rb") as file:
-                data = file.read()
+            data = _read_local(path.removeprefix("file://"), max_bytes)
     except OSError as error:  # FileNotFoundError, PermissionError, pyarrow's IOError for remote paths
         raise BadImage("missing_file", f"{path}: {error.__class__.__name__}: {error}") from error
+    except ValueError as error:  # a URI pyarrow cannot parse (ArrowInvalid), a path the OS refuses
+        raise BadImage("bad_path", f"{path}: {error.__class__.__name__}: {error}") from error
     if not data:
         raise BadImage("empty_file", f"{path}: zero bytes")
+    if len(data) > max_bytes:
+        raise BadImage("too_many_bytes", f"{path}: more than the {max_bytes:,} byte limit")
     return data
+
+
+def _read_local(path: str, max_bytes: int) -> bytes:
+    # stat before open: opening a FIFO blocks, and /dev/zero never ends.
+    info = os.stat(path)
+    if not stat.S_ISREG(info.st_mode):
+        raise BadImage("not_a_file", f"{path}: a {_file_kind(info.st_mode)}, not a regular file")
+    if info.st_size > max_bytes:
+        raise BadImage("too_many_bytes", f"{path}: {info.st_size:,} bytes exceed the {max_bytes:,} byte limit")
+    with open(path, "rb") as file:
+        return file.read(max_bytes + 1)  # the file may have grown since the stat
+
+
+def _read_remote(path: str, max_bytes: int) -> bytes:
+    from pyarrow import fs
+
+    scheme, rest = path.split("://", 1)
+    filesystem = _filesystem(f"{scheme}://{rest.split('/', 1)[0]}/")
+    info = filesystem.get_file_info(rest)
+    if info.type == fs.FileType.NotFound:
+        raise FileNotFoundError(f"no such object: {path}")
+    if info.type != fs.FileType.File:
+        raise BadImage("not_a_file", f"{path}: a {info.type.name}, not a file")
+    if info.size is not None and info.size > max_bytes:
+        raise BadImage("too_many_bytes", f"{path}: {info.size:,} bytes exceed the {max_bytes:,} byte limit")
+    with filesystem.open_input_stream(rest) as stream:
+        return stream.read(max_bytes + 1)  # the size may be unknown or wrong: never read past the limit
+
+
+def _file_kind(mode: int) -> str:
+    kinds = ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISCHR, "character device"))
+    kinds += ((stat.S_ISBLK, "block device"), (stat.S_ISSOCK, "socket"))
+    return next((name for test, name in kinds if test(mode)), "special file")
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
@@ -89,8 +143,38 @@ def decode(data: bytes, max_pixels: int, name: str = "image") -> Image.Image:
         raise BadImage("too_many_pixels", f"{name}: {error}") from error
     except (OSError, SyntaxError, ValueError) as error:
         raise BadImage("truncated_image", f"{name}: {error}") from error
-    image = ImageOps.exif_transpose(image)
-    return to_rgb(image)
+    except Exception as error:  # a decoder plug-in's own exception, MemoryError: one record, not the job
+        raise unexpected(error, name) from error
+    with _named(name):
+        return to_rgb(ImageOps.exif_transpose(image))
+
+
+def unexpected(error: BaseException, name: str) -> BadImage:
+    """The named skip for an error no check foresaw (``out_of_memory`` or ``image_error``)."""
+    reason = "out_of_memory" if isinstance(error, MemoryError) else "image_error"
+    return BadImage(reason, f"{name}: {error.__class__.__name__}: {error}")
+
+
+@contextmanager
+def _named(name: str) -> Iterator[None]:
+    try:
+        yield
+    except BadImage:
+        raise
+    except Exception as error:
+        raise unexpected(error, name) from error
+
+
+def load(item: str | bytes, name: str, size: int, mode: str, max_pixels: int, max_bytes: int) -> np.ndarray:
+    """A path/URI or encoded bytes -> ``uint8 [3, size, size]``; every failure is a :class:`BadImage`."""
+    with _named(name):
+        if isinstance(item, str):
+            data = read_bytes(item, max_bytes)
+        elif len(item) > max_bytes:
+            raise BadImage("too_many_bytes", f"{name}: {len(item):,} bytes exceed the {max_bytes:,} byte limit")
+        else:
+            data = bytes(item)
+        return resize(decode(data, max_pixels, name), size, mode)
 
 
 def resize(image: Image.Image, size: int, mode: str) -> np.ndarray:
@@ -100,12 +184,8 @@ def resize(image: Image.Image, size: int, mode: str) -> np.ndarray:
     mean colour first (the official fine-tuning); ``crop`` scales the shortest side then centre-crops.
     """
     if mode == "pad":
-        width, height = image.size
-        side = max(width, height)
-        canvas = Image.new("RGB", (side, side), tuple(round(255 * m) for m in CLIP_MEAN))
-        canvas.paste(image, ((side - width) // 2, (side - height) // 2))
-        image = canvas
-    elif mode == "crop":
+        return np.asarray(_pad(image, size), dtype=np.uint8).transpose(2, 0, 1).copy()
+    if mode == "crop":
         width, height = image.size
         scale = size / min(width, height)
         image = image.resize((max(size, round(width * scale)), max(size, round(height * scale))), Image.BICUBIC)
@@ -125,6 +205,47 @@ def _clip_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     mean = torch.tensor(CLIP_MEAN, device=device, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=device, dtype=torch.float32).view(1, 3, 1, 1)
     return mean, std
+
+
+def _pad(image: Image.Image, size: int) -> Image.Image:
+    """The official ``pad`` (paste onto a square canvas of the longer side, then shrink to ``size``) without
+    drawing that canvas: a 40000 x 1000 image would need a 4.8 GB one.
+
+    Only the band of the canvas that holds the image, plus a margin of mean colour as wide as the bicubic
+    filter reaches, is drawn and shrunk (``resize``'s ``box`` keeps the canvas's sampling grid); the rest of
+    the output is the mean colour, as the canvas gave it. Equal to the official formula within a grey level.
+    """
+    width, height = image.size
+    side = max(width, height)
+    if side <= size:  # enlarging: the canvas is no bigger than the output
+        return _pad_canvas(image, side).resize((size, size), Image.BICUBIC)
+    scale = side / size  # canvas pixels per output pixel; the bicubic filter reaches 2 * scale either way
+    margin = math.ceil(6 * scale) + 2
+    left, top = (side - width) // 2, (side - height) // 2
+    # Output pixels [first, last) along each axis are those the image reaches; the canvas band they read.
+    first = [max(0, math.floor(offset / scale - 3)) for offset in (left, top)]
+    last = [min(size, math.ceil((offset + extent) / scale + 3)) for offset, extent in ((left, width), (top, height))]
+    low = [max(0, offset - margin) for offset in (left, top)]
+    high = [min(side, offset + extent + margin) for offset, extent in ((left, width), (top, height))]
+    band = Image.new("RGB", (high[0] - low[0], high[1] - low[1]), PAD_COLOUR)
+    band.paste(image, (left - low[0], top - low[1]))
+    # Two passes, horizontal first, as Pillow shrinks the square canvas (for a band it may pick the other order,
+    # whose rounding differs by a few grey levels).
+    x0, y0 = (max(0.0, first[axis] * scale - low[axis]) for axis in (0, 1))
+    x1, y1 = (min(band.size[axis], last[axis] * scale - low[axis]) for axis in (0, 1))  # float error past the edge
+    columns, rows = last[0] - first[0], last[1] - first[1]
+    band = band.resize((columns, band.height), Image.BICUBIC, box=(x0, 0, x1, band.height))
+    band = band.resize((columns, rows), Image.BICUBIC, box=(0, y0, columns, y1))
+    out = Image.new("RGB", (size, size), PAD_COLOUR)
+    out.paste(band, (first[0], first[1]))
+    return out
+
+
+def _pad_canvas(image: Image.Image, side: int) -> Image.Image:
+    width, height = image.size
+    canvas = Image.new("RGB", (side, side), PAD_COLOUR)
+    canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+    return canvas
 
 
 def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

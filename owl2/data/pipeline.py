@@ -60,8 +60,9 @@ from ray.data._internal.execution.execution_callback import ExecutionCallback
 from ray.data.collate_fn import NumpyBatchCollateFn
 
 from owl2.config import IGNORE_INDEX, DataConfig
+from owl2.config.data import DEFAULT_MAX_IMAGE_BYTES
 from owl2.data import images as image_ops
-from owl2.data.readers import list_files, read
+from owl2.data.readers import ReadLimits, list_files, read
 from owl2.data.sample import SkipStats, decode_messages
 
 ORDER_KEY = "order_key"
@@ -74,8 +75,22 @@ IDLE_SLEEP_S = 0.02
 # 224 px. One Encode call takes one block: smaller blocks cost more per image (each is an actor call, an
 # Arrow conversion, an object-store put); bigger ones spread over fewer actors and delay the first batch.
 BLOCK_BYTES = 32 * 1024 * 1024
+# Columns every stage passes on as they are (``origin``: a skip's detail names the record's ``file:row``).
+_KEPT = ("id", "origin", "source", EPOCH, ORDER_KEY)
 # Columns that leave the pipeline for the training loop; ``pixels`` holds uint8 [num_images, 3, S, S] per row.
-ENCODED_COLUMNS = ("id", "source", EPOCH, ORDER_KEY, "input_ids", "labels", "pixels", "num_images", "error", "detail")
+ENCODED_COLUMNS = (
+    "id",
+    "origin",
+    "source",
+    EPOCH,
+    ORDER_KEY,
+    "input_ids",
+    "labels",
+    "pixels",
+    "num_images",
+    "error",
+    "detail",
+)
 
 
 def order_key(seed: int, epoch: int, origin: str, copy: int) -> int:
@@ -178,8 +193,9 @@ def samples(
         raise ValueError(f"rank {rank} is outside a world of {world_size} workers")
     listings = [list_files(source) for source in config.sources]
     plans = worker_files(listings, config.seed, range(epoch, epoch + epochs), rank, world_size)
+    limits = ReadLimits(config.max_image_bytes, config.max_text_bytes)
     parts = [
-        read(source, sorted(plan)).flat_map(Copies(source.weight, config.seed, plan, epoch, after_key))
+        read(source, sorted(plan), limits).flat_map(Copies(source.weight, config.seed, plan, epoch, after_key))
         for source, plan in zip(config.sources, plans, strict=True)
     ]
     dataset = parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
@@ -202,40 +218,20 @@ class Tokenize:
         self.tokens_per_image = tokens_per_image
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from owl2.config import IMAGE_PLACEHOLDER
-        from owl2.data.templates import Skip, encode_conversation
-
         size = len(batch["id"])
         input_ids, labels, num_images = [], [], np.zeros(size, dtype=np.int64)
         errors, details = list(batch["error"]), list(batch["detail"])
         for i in range(size):
             ids, targets = np.zeros(0, np.int64), np.zeros(0, np.int64)
             if not errors[i]:
-                messages = decode_messages(batch["messages"][i])
-                placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
-                available = len(batch["images"][i]) + len(batch["image_bytes"][i])
-                if placeholders != available:
-                    errors[i] = "image_count_mismatch"
-                    details[i] = f"{batch['id'][i]}: {placeholders} placeholders but {available} images"
-                else:
-                    template = "plain" if batch["task"][i] == "caption" else self.template
-                    encoded = encode_conversation(
-                        messages,
-                        template,
-                        self.tokenizer,
-                        max_length=self.max_length,
-                        tokens_per_image=self.tokens_per_image,
-                    )
-                    if isinstance(encoded, Skip):
-                        errors[i], details[i] = encoded.reason, f"{batch['id'][i]}: {encoded.detail}"
-                    else:
-                        ids = np.asarray(encoded.input_ids, dtype=np.int64)
-                        targets = np.asarray(encoded.labels, dtype=np.int64)
-                        num_images[i] = encoded.num_images
+                try:
+                    ids, targets, num_images[i], errors[i], details[i] = self._row(batch, i)
+                except Exception as error:  # one record's failure is its skip, never the job's
+                    errors[i], details[i] = "tokenize_error", f"{_where(batch, i)}: {error.__class__.__name__}: {error}"
             input_ids.append(ids)
             labels.append(targets)
         return {
-            **{name: batch[name] for name in ("id", "source", EPOCH, ORDER_KEY)},
+            **{name: batch[name] for name in _KEPT if name in batch},
             # Plain lists: Arrow cannot type a mix of empty float arrays and string arrays.
             "images": _ragged([list(paths) for paths in batch["images"]]),
             "image_bytes": _ragged([list(data) for data in batch["image_bytes"]]),
@@ -246,9 +242,40 @@ class Tokenize:
             "detail": np.asarray(details, dtype=object),
         }
 
+    def _row(self, batch: dict[str, np.ndarray], i: int) -> tuple[np.ndarray, np.ndarray, int, str, str]:
+        """``(input_ids, labels, num_images, error, detail)`` of row ``i``; a skip has empty arrays."""
+        from owl2.config import IMAGE_PLACEHOLDER
+        from owl2.data.templates import Skip, encode_conversation
 
-def load_images(batch: dict[str, np.ndarray], image_size: int, resize: str, max_pixels: int) -> dict[str, Any]:
-    """Ray Data task: decode the kept images of each sample into ``pixels`` (``uint8 [n, 3, S, S]`` bytes)."""
+        empty = np.zeros(0, np.int64)
+        messages = decode_messages(batch["messages"][i])
+        placeholders = sum(m["content"].count(IMAGE_PLACEHOLDER) for m in messages)
+        available = len(batch["images"][i]) + len(batch["image_bytes"][i])
+        if placeholders != available:
+            detail = f"{_where(batch, i)}: {placeholders} placeholders but {available} images"
+            return empty, empty, 0, "image_count_mismatch", detail
+        template = "plain" if batch["task"][i] == "caption" else self.template
+        encoded = encode_conversation(
+            messages, template, self.tokenizer, max_length=self.max_length, tokens_per_image=self.tokens_per_image
+        )
+        if isinstance(encoded, Skip):
+            return empty, empty, 0, encoded.reason, f"{_where(batch, i)}: {encoded.detail}"
+        ids, targets = np.asarray(encoded.input_ids, dtype=np.int64), np.asarray(encoded.labels, dtype=np.int64)
+        return ids, targets, encoded.num_images, "", ""
+
+
+def load_images(
+    batch: dict[str, np.ndarray],
+    image_size: int,
+    resize: str,
+    max_pixels: int,
+    max_bytes: int = DEFAULT_MAX_IMAGE_BYTES,
+) -> dict[str, Any]:
+    """Ray Data task: decode the kept images of each sample into ``pixels`` (``uint8 [n, 3, S, S]`` bytes).
+
+    Any failure of one record's image is a named skip (``images.load``): a raise here would fail the job,
+    and every restart would replay the same record.
+    """
     size = len(batch["id"])
     pixels, errors, details = [], list(batch["error"]), list(batch["detail"])
     for i in range(size):
@@ -258,18 +285,21 @@ def load_images(batch: dict[str, np.ndarray], image_size: int, resize: str, max_
             try:
                 for index, item in enumerate(sources):
                     name = item if isinstance(item, str) else f"{batch['id'][i]} image {index}"
-                    data = image_ops.read_bytes(item) if isinstance(item, str) else bytes(item)
-                    image = image_ops.decode(data, max_pixels, name)
-                    arrays.append(image_ops.resize(image, image_size, resize))
+                    arrays.append(image_ops.load(item, name, image_size, resize, max_pixels, max_bytes))
             except image_ops.BadImage as error:
-                errors[i], details[i], arrays = error.reason, str(error), []
+                errors[i], details[i], arrays = error.reason, f"{_where(batch, i)}: {error}", []
         pixels.append(b"".join(arrays))  # = np.stack(arrays).tobytes(), without its two fresh copies
     return {
-        **{name: batch[name] for name in ("id", "source", EPOCH, ORDER_KEY, "input_ids", "labels", "num_images")},
+        **{name: batch[name] for name in (*_KEPT, "input_ids", "labels", "num_images") if name in batch},
         "pixels": np.asarray(pixels, dtype=object),
         "error": np.asarray(errors, dtype=object),
         "detail": np.asarray(details, dtype=object),
     }
+
+
+def _where(batch: dict[str, np.ndarray], i: int) -> str:
+    """The record's ``file:row`` in a skip's detail (its id where a caller's batch has no origin)."""
+    return str(batch["origin"][i] if "origin" in batch else batch["id"][i])
 
 
 def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
@@ -354,7 +384,12 @@ class Encode:
 
     def __init__(self, config: DataConfig, tokens_per_image: int) -> None:
         self.tokenize = Tokenize(config.tokenizer, config.template, config.max_length, tokens_per_image)
-        self.images = {"image_size": config.image_size, "resize": config.resize, "max_pixels": config.max_image_pixels}
+        self.images = {
+            "image_size": config.image_size,
+            "resize": config.resize,
+            "max_pixels": config.max_image_pixels,
+            "max_bytes": config.max_image_bytes,
+        }
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
         out = load_images(self.tokenize(batch), **self.images)

@@ -33,15 +33,26 @@ from owl2.errors import Unrecoverable
 SAMPLE_COLUMNS = ("id", "origin", "source", "task", "messages", "images", "image_bytes", "error", "detail")
 
 TASKS = ("chat", "caption")
+# Image URIs never read: a run that depends on web servers cannot be repeated (skip reason ``web_url``).
+WEB_SCHEMES = ("http://", "https://")
 
 # Why a record was skipped. Stable names: they become metric names in MLflow.
 SKIP_REASONS = {
     "malformed_record": "the row is not valid JSON or lacks/mistypes a required field",
+    "not_utf8": "a line of a JSONL file (or a webdataset text member) is not valid UTF-8",
+    "outside_image_root": "the image path leads out of the source's image root (allow_paths_outside_root is off)",
+    "web_url": "the image is an http(s) URL: owl2 never downloads images at training time",
+    "bad_path": "the image path cannot name a file (e.g. it holds a NUL byte)",
     "missing_file": "an image file does not exist or cannot be read",
+    "not_a_file": "the image path is a directory, FIFO, device or other non-regular file",
+    "too_many_bytes": "an image file, inline image or tar member exceeds data.max_image_bytes / data.max_text_bytes",
     "empty_file": "an image file has zero bytes",
     "not_an_image": "the bytes are not an image PIL can identify",
     "truncated_image": "the image data ends early or is corrupt",
     "too_many_pixels": "the image exceeds the pixel limit (decompression-bomb guard)",
+    "image_error": "EXIF rotation, colour conversion or resizing failed (an unexpected error, named in the detail)",
+    "out_of_memory": "decoding or resizing the image ran out of memory",
+    "tokenize_error": "tokenising the conversation failed (an unexpected error, named in the detail)",
     "no_assistant_turn": "the conversation has no non-empty assistant reply to learn from",
     "image_count_mismatch": "the number of image placeholders differs from the number of images",
     "too_long": "the text does not fit the length limit even after image-aware truncation",

@@ -9,11 +9,12 @@ import numpy as np
 
 from owl2.config import IMAGE_TOKEN_INDEX, DataConfig
 from owl2.data.pipeline import encoded
-from owl2.data.sample import SkipStats
+from owl2.data.sample import SKIP_REASONS, SkipStats
 
 
 def dataset_stats(config: DataConfig, tokens_per_image: int, batch_size: int = 256) -> dict[str, Any]:
-    """Counts (total, ok, skipped by reason with examples), token-length percentiles and images per sample.
+    """Counts (total, ok, skipped by reason with examples and what each reason means), token-length percentiles
+    and images per sample.
 
     Every record goes through the training pipeline (tokenisation, truncation, image decoding), so a
     dataset that passes here will not surprise a training run. Lengths are in decoder tokens, each image
@@ -35,6 +36,7 @@ def dataset_stats(config: DataConfig, tokens_per_image: int, batch_size: int = 2
             per_source[str(batch["source"][i])] += 1
     summary = skips.as_dict()
     summary["skip_examples"] = {reason: examples for reason, examples in sorted(skips.examples.items())}
+    summary["skip_reasons"] = {reason: SKIP_REASONS[reason] for reason in sorted(skips.skipped)}
     summary["skipped_fraction"] = round(skips.skipped_fraction, 6)
     summary["token_length"] = _percentiles(lengths)
     summary["images_per_sample"] = {str(n): count for n, count in sorted(images_per_sample.items())}

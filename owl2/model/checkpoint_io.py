@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file
 
+from owl2.folders import has_manifest, verify
 from owl2.model.keymaps import Conversion
 
 logger = logging.getLogger(__name__)
@@ -69,6 +70,11 @@ def _is_torchscript(file: Path) -> bool:
 
 
 def read_config(folder: str | Path) -> dict[str, Any]:
+    """``config.json`` of a model folder; a folder with owl2's manifest (a checkpoint, a converted model) is
+    verified first, whole. Folders without one (released models, checkpoints older than manifests) load as
+    before; resuming training requires the manifest (``owl2.train.checkpoint``)."""
+    if has_manifest(folder):
+        verify(folder)
     config_file = Path(folder) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{folder} has no config.json")

@@ -3,16 +3,18 @@
 A checkpoint folder holds ``config.json`` + ``model.safetensors`` (loadable with
 ``Owl2ForCausalLM.from_pretrained``), ``optimizer.pt`` and ``scheduler.pt`` (plain tensors and numbers,
 read back with ``weights_only=True``), ``state.json`` (stage, step, per-rank data positions, counters)
-and ``experiment.yaml`` (the resolved configuration that produced it). It is written into a temporary
-folder that is renamed into place only when complete, so a crash never leaves half a checkpoint.
+and ``experiment.yaml`` (the resolved configuration that produced it), then ``owl2_manifest.json`` last (every
+file's size and sha256, the step, the format version: ``owl2.folders``). It is written into a temporary
+folder that is renamed into place only when complete, so a crash never leaves half a checkpoint; a copy that
+Ray Train's upload or the storage damaged is refused on load (:func:`load_training_state`, and
+``from_pretrained`` through ``checkpoint_io.read_config``), and a resumed worker falls back to the newest
+earlier checkpoint of its run that verifies (:func:`usable`).
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
+import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -21,6 +23,9 @@ from typing import Any
 import torch
 
 from owl2.errors import Unrecoverable
+from owl2.folders import DamagedFolder, replacing, verify
+
+logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -107,10 +112,7 @@ def save(
     ``optimizer`` may be given as its state dict and ``model_state`` replaces the model's own state dict: a
     sharded (FSDP2) run passes the full states that ``owl2.train.parallel`` gathered to rank 0.
     """
-    folder = Path(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
-    try:
+    with replacing(folder, step=state.step) as staging:
         model.save_pretrained(
             staging, safe_serialization=True, state_dict=None if model_state is None else dict(model_state)
         )
@@ -119,13 +121,52 @@ def save(
         torch.save(scheduler.state_dict(), staging / SCHEDULER_FILE)
         (staging / STATE_FILE).write_text(json.dumps(asdict(state), indent=2))
         (staging / EXPERIMENT_FILE).write_text(experiment_yaml)
-        if folder.exists():
-            shutil.rmtree(folder)
-        os.replace(staging, folder)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return folder
+    return Path(folder)
+
+
+def usable(checkpoint: Any) -> Any:
+    """The ``ray.train.Checkpoint`` a resumed worker should start from: ``checkpoint`` (what Ray handed it) if it
+    verifies, else the newest earlier checkpoint of the same run that does, else a one-line error.
+
+    Ray Train keeps ``num_to_keep`` checkpoints as ``checkpoint_<local time>`` folders of the run's storage
+    folder and restarts from the last one its controller registered; folders named after that one (written
+    just before a crash, never registered) are not considered. Every worker lists the same folders and so
+    picks the same checkpoint.
+    """
+    if checkpoint is None:
+        return None
+    problems = []
+    for candidate in [checkpoint, *_earlier_siblings(checkpoint)]:
+        try:
+            with candidate.as_directory() as folder:
+                verify(folder, shown_as=candidate.path)
+        except DamagedFolder as error:
+            problems.append(str(error))
+            continue
+        if candidate is not checkpoint:
+            logger.warning("%s; resuming from the earlier %s", problems[0], candidate.path)
+        return candidate
+    raise DamagedFolder(
+        f"no checkpoint of this run verifies, so it cannot resume (and will not start afresh): {'; '.join(problems)}"
+    )
+
+
+def _earlier_siblings(checkpoint: Any) -> list[Any]:
+    """The ``checkpoint_*`` folders beside ``checkpoint`` whose names sort before its own, newest first."""
+    import ray.train
+    from pyarrow import fs
+
+    parent, _, name = checkpoint.path.rstrip("/").rpartition("/")
+    entries = checkpoint.filesystem.get_file_info(fs.FileSelector(parent))
+    names = sorted(
+        (entry.base_name for entry in entries if entry.type == fs.FileType.Directory),
+        reverse=True,
+    )
+    return [
+        ray.train.Checkpoint(f"{parent}/{other}", filesystem=checkpoint.filesystem)
+        for other in names
+        if other.startswith("checkpoint_") and other < name
+    ]
 
 
 def load_state(folder: str | Path) -> TrainState:
@@ -140,6 +181,7 @@ def load_training_state(
     from owl2.train import parallel
 
     folder = Path(folder)
+    verify(folder)
     optimizer_state = None
     if model is None or parallel.reads_full_state(model):
         optimizer_state = torch.load(folder / OPTIMIZER_FILE, map_location="cpu", weights_only=True)

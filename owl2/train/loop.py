@@ -179,7 +179,9 @@ class StageRun:
         self.rank, self.world_size = context.get_world_rank(), context.get_world_size()
         self.device = ray.train.torch.get_device()  # Ray
         self.dtype = torch.bfloat16 if parallel.use_bf16(self.stage, self.device) else torch.float32
-        resume = ray.train.get_checkpoint()  # Ray: set when restarting after a failure or re-running the run name
+        # Ray: set when restarting after a failure or re-running the run name; one that fails verification gives
+        # way to the run's previous checkpoint.
+        resume = ckpt.usable(ray.train.get_checkpoint())
         self._build_model(starting_model(job, resume))
         self._build_optimizer(resume)
         self.spec: ModelConfig = unwrap(self.wrapped).config.spec
