@@ -32,6 +32,10 @@ def test_failures_are_described_in_one_line():
     assert describe_failure(_failed(r0=ValueError("bad\nvalue"))) == "worker 0 failed: ValueError: bad value"
     lost = WorkerGroupError("lost", {1: ActorDiedError()})
     assert describe_failure(lost) == "worker 1 lost (its process or node died)"
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    unhealthy = WorkerGroupError("lost", {0: WorkerHealthCheckFailedError("a worker health check failed", None)})
+    assert describe_failure(unhealthy) == "worker 0 lost (its process or node died)"
 
 
 def test_restarts_resume_until_the_limit_and_say_so(tmp_path):

@@ -36,7 +36,15 @@ def describe_failure(error: BaseException) -> str:
     if not errors:
         return " ".join(str(error).split())[:300]
     rank, failure = sorted(errors.items())[0]
-    if type(failure).__name__ in ("ActorDiedError", "ActorUnavailableError", "RayActorError", "WorkerCrashedError"):
+    # How Ray reports a worker whose process or node died (a health check of a dead actor fails first).
+    lost = (
+        "ActorDiedError",
+        "ActorUnavailableError",
+        "RayActorError",
+        "WorkerCrashedError",
+        "WorkerHealthCheckFailedError",
+    )
+    if type(failure).__name__ in lost:
         return f"worker {rank} lost (its process or node died)"
     return f"worker {rank} failed: {type(failure).__name__}: " + " ".join(str(failure).split())[:300]
 
