@@ -45,9 +45,14 @@ class ProgressPrinter:
         self.queue.shutdown()
 
 
+def say(line: str) -> None:
+    """Driver side: print one line to the terminal at once (restarts, stalls)."""
+    print(line, flush=True)
+
+
 def emit(queue: Any, line: str) -> None:
     """Worker side: send one line (printed locally when no driver queue is attached)."""
     if queue is None:
-        print(line, flush=True)
+        say(line)
     else:
         queue.put(line)

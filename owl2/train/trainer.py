@@ -150,7 +150,7 @@ def run_experiment(
     from owl2.runtime import ensure_ray
     from owl2.stall import StallWatchdog
     from owl2.tracking import Tracker, resolve_tracking_uri, run_tags
-    from owl2.train.progress import ProgressPrinter
+    from owl2.train.progress import ProgressPrinter, say
 
     experiment = resolve_paths(experiment)
     unknown = [name for name in stages or [] if name not in experiment.stages]
@@ -178,7 +178,6 @@ def run_experiment(
 
     results: list[StageResult] = []
     previous = None
-    say = lambda line: print(line, flush=True)  # noqa: E731
     try:
         with (
             ProgressPrinter() if progress else nullcontext() as printer,
@@ -215,6 +214,7 @@ def run_stage(
 
     from owl2.tracking import data_fingerprint, run_tags
     from owl2.train.job import StageJob
+    from owl2.train.progress import say
     from owl2.train.retry import fit_with_restarts
 
     stage = experiment.stages[name]
@@ -250,7 +250,7 @@ def run_stage(
             experiment.max_failures,
             experiment.storage_path,
             job.run_name,
-            say=lambda line: print(line, flush=True),
+            say=say,
         )
     except BaseException:
         tracker.end_run(run_id, "FAILED")

@@ -171,6 +171,7 @@ def run_sweep(sweep: SweepConfig, base: ExperimentConfig) -> list[TrialSummary]:
     from owl2.runtime import ensure_ray
     from owl2.stall import StallWatchdog
     from owl2.tracking import Tracker, resolve_tracking_uri, run_tags
+    from owl2.train.progress import say
     from owl2.train.trainer import resolve_paths, run_experiment
 
     base = resolve_paths(copy.deepcopy(base))
@@ -241,7 +242,7 @@ def run_sweep(sweep: SweepConfig, base: ExperimentConfig) -> list[TrialSummary]:
                 failure_config=tune.FailureConfig(max_failures=sweep.trial_max_failures),
             ),
         )
-    with StallWatchdog(base.resources.stall_warning_s, lambda line: print(line, flush=True)):
+    with StallWatchdog(base.resources.stall_warning_s, say):
         grid = tuner.fit()  # Ray
     summaries = _summarise(grid, sweep, base)
     _record(tracker, parent, sweep, base, summaries, path)
