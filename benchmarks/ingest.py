@@ -54,7 +54,8 @@ import ray.data
 import torch
 
 from owl2.config import DataConfig, SourceConfig
-from owl2.data.pipeline import EPOCH, ORDER_KEY, Batch, Collator, Tokenize, encoded, iterate, load_images, order_key
+from owl2.data.batch import Batch, Collator, iterate
+from owl2.data.pipeline import EPOCH, ORDER_KEY, Tokenize, encoded, load_images, order_key
 from owl2.data.readers import _parse_llava_file
 from owl2.data.sample import SkipStats
 from owl2.data.world import generate_world

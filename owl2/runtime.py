@@ -10,14 +10,17 @@ from typing import Any
 def ensure_ray(address: str | None = None, quiet: bool = True, **init_kwargs: Any) -> None:
     """Connect to ``address`` (or ``RAY_ADDRESS``), else start a local Ray; no-op when already connected.
 
-    Ray's token authentication stays on (Ray 2.60's default), and the dashboard is only started when asked
-    for, on 127.0.0.1. ``quiet`` keeps Ray's progress bars and INFO logs out of the user's terminal.
+    Ray's token authentication stays on (Ray 2.60's default). A local Ray starts its dashboard, on 127.0.0.1:
+    Ray Train's placement-group cleaner asks it (the state API) whether a run's controller is alive, and
+    without it the CPUs of a run whose controller was killed (a trial that ASHA stopped) stay reserved until
+    the driver exits, which starves, then hangs, the trials after it. ``quiet`` keeps Ray's progress bars and
+    INFO logs out of the user's terminal.
     """
     import ray
     import ray.data
 
     if not ray.is_initialized():
-        init_kwargs.setdefault("include_dashboard", False)
+        init_kwargs.setdefault("include_dashboard", True)
         init_kwargs.setdefault("dashboard_host", "127.0.0.1")
         if quiet:
             init_kwargs.setdefault("log_to_driver", False)

@@ -88,7 +88,10 @@ def _scenario(root: Path) -> dict:
     from owl2.train.trainer import run_experiment
 
     _world(root)
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 0, "include_dashboard": False})
+    # As in conftest.ray_cluster: idle worker processes kept for reuse, the dashboard on (runtime.ensure_ray).
+    keep_workers = {"num_workers_soft_limit": 8, "idle_worker_killing_time_threshold_ms": 600_000}
+    head = {"num_cpus": 0, "include_dashboard": True, "_system_config": keep_workers}
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     nodes = {cluster.add_node(num_cpus=NODE_CPUS) for _ in range(3)}
     cluster.wait_for_nodes()
     ensure_ray(cluster.address)

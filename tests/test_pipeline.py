@@ -8,6 +8,10 @@ Order, weights, passes and shares are pure functions; the tests of their logic r
 import io
 import json
 import math
+import pickle
+import subprocess
+import sys
+import textwrap
 from collections import Counter
 from pathlib import Path
 
@@ -17,7 +21,8 @@ from PIL import Image
 
 from owl2.config import IMAGE_TOKEN_INDEX, DataConfig, build
 from owl2.data import readers
-from owl2.data.pipeline import EPOCH, ORDER_KEY, Collator, Copies, deal, encoded, iterate, samples, worker_files
+from owl2.data.batch import Collator, iterate
+from owl2.data.pipeline import EPOCH, ORDER_KEY, Copies, deal, encoded, samples, worker_files
 from owl2.data.sample import SkipStats, TooManyBadRecords
 
 TOKENS_PER_IMAGE = 3
@@ -318,3 +323,23 @@ def test_each_worker_reads_only_its_files_and_together_they_read_the_epoch_once(
     # Together: the epoch of a single worker (reading all 8 files), every sample copy exactly once.
     whole = _rows(_local_samples(config, epoch=1))
     assert len(whole) > 8 * 6 and Counter(row for rows, _ in shares for row in rows) == Counter(whole)
+
+
+def test_the_pipeline_steps_run_without_importing_torch(ray_cluster, corpus, spm_tokenizer_dir, tmp_path):
+    """Ray Data's worker processes import what the pipeline's steps need; torch would cost each fresh one
+    seconds. A block read here is encoded in a process that imports the pipeline but never torch."""
+    config = _config(corpus, spm_tokenizer_dir)
+    (tmp_path / "config.pkl").write_bytes(pickle.dumps((config, samples(config).take_batch(32, batch_format="numpy"))))
+    script = textwrap.dedent(
+        f"""
+        import pickle, sys
+        from owl2.data import pipeline
+        config, rows = pickle.loads(open({str(tmp_path / "config.pkl")!r}, "rb").read())
+        out = pipeline.encode(rows, config, tokens_per_image={TOKENS_PER_IMAGE})
+        print(sorted(str(i) for i, error in zip(out["id"], out["error"]) if not error), "torch" in sys.modules)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    good = ["good-16bit", "good-cmyk", "good-palette", "good-rgb", "good-rgba", "good-text"]
+    assert done.stdout.strip() == f"{good} False"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from owl2.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ModelConfig, OptimConfig
-from owl2.data.pipeline import Batch
+from owl2.data.batch import Batch
 from owl2.data.sample import SkipStats
 from owl2.model import Owl2Config, Owl2ForCausalLM
 from owl2.plan.flops import FlopModel

@@ -1,5 +1,6 @@
 """Sweeps: stage planning validated against the experiment, then 2x2 and crash sweeps end to end on local Ray."""
 
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -71,6 +72,15 @@ def monkeypatch_module():
         yield patch
 
 
+def _cpus_all_free(ray, within_s=30.0):
+    deadline = time.monotonic() + within_s
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"]:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 def _client(root):
     return mlflow.MlflowClient(f"sqlite:///{root / 'runs' / 'mlflow.db'}")
 
@@ -98,6 +108,9 @@ def test_two_by_two_grid_tracks_every_trial_and_writes_the_best_config(ray_clust
     assert all(m is not None for m in metrics) and metrics == sorted(metrics)
     assert summaries[0].values["stages.stage2.optim.lr"] == 3e-3
     assert any(s.stopped_early for s in summaries if s.values["stages.stage2.optim.lr"] == 1e-9)
+    # A stopped trial's Train run gives its CPUs back (its controller dies with the trial; Ray Train's cleaner
+    # then removes its placement group): a reservation left behind starves every later trial of its data.
+    assert _cpus_all_free(ray_cluster), ray_cluster.available_resources()
 
     client = _client(world)
     experiment = client.get_experiment_by_name("owl2-tiny-cpu-sweeps")

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from owl2.config import IGNORE_INDEX, ModelConfig
-from owl2.data.pipeline import Batch
+from owl2.data.batch import Batch
 from owl2.data.sample import SkipStats
 from owl2.plan.flops import FlopModel
 from owl2.train.checkpoint import TrainState

@@ -83,9 +83,9 @@ class DataConfig:
     """Stop when more than this fraction of the records seen so far was skipped (after ``min_records_for_check``)."""
     min_records_for_check: int = 200
     seed: int = 0
-    tokenizer_actors: int = 1
-    """At least this many ``Encode`` actors (tokenise + decode) per worker's pipeline; by default one per CPU of the
-    worker's share of the cluster."""
+    encode_tasks: int = 1
+    """At least this many ``encode`` tasks (tokenise + decode) at once per worker's pipeline; by default one per CPU
+    of the worker's share of the cluster."""
 
     def __post_init__(self) -> None:
         one_of(self.template, TEMPLATE_NAMES, "data.template")
@@ -96,7 +96,7 @@ class DataConfig:
         positive(self.max_image_bytes, "data.max_image_bytes")
         positive(self.max_text_bytes, "data.max_text_bytes")
         in_range(self.max_bad_fraction, 0, 1, "data.max_bad_fraction")
-        at_least(self.tokenizer_actors, 1, "data.tokenizer_actors")
+        at_least(self.encode_tasks, 1, "data.encode_tasks")
         labels = [source.label for source in self.sources]
         duplicates = sorted({label for label in labels if labels.count(label) > 1})
         check(not duplicates, f"data.sources have duplicate names {duplicates}: give each a distinct 'name'")

@@ -18,13 +18,16 @@ import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import cache, lru_cache
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from owl2.config.data import DEFAULT_MAX_IMAGE_BYTES
 from owl2.data.sample import WEB_SCHEMES
+
+if TYPE_CHECKING:  # torch is imported where tensors are made: the Ray Data workers that decode never need it
+    import torch
 
 # OpenAI CLIP statistics, as in the released preprocessor_config.json.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -202,6 +205,8 @@ def resize(image: Image.Image, size: int, mode: str) -> np.ndarray:
 def _clip_constants(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """CLIP's mean and std as float32 ``[1, 3, 1, 1]`` tensors on ``device``, copied there once, not per batch
     (a tensor built from Python numbers on an accelerator is a host->device copy)."""
+    import torch
+
     mean = torch.tensor(CLIP_MEAN, device=device, dtype=torch.float32).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=device, dtype=torch.float32).view(1, 3, 1, 1)
     return mean, std
@@ -248,10 +253,12 @@ def _pad_canvas(image: Image.Image, side: int) -> Image.Image:
     return canvas
 
 
-def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def normalize(images: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``uint8 [N, 3, S, S]`` on any device -> CLIP-normalised ``dtype`` tensor on the same device.
 
-    The arithmetic is float32 whatever ``dtype``, so the cached constants depend on the device only.
+    The arithmetic is float32 whatever ``dtype`` (default float32), so the cached constants depend on the
+    device only.
     """
     mean, std = _clip_constants(images.device)
-    return ((images.float() / 255.0 - mean) / std).to(dtype)
+    normalized = (images.float() / 255.0 - mean) / std
+    return normalized if dtype is None else normalized.to(dtype)

@@ -1,16 +1,20 @@
-"""The Ray Data pipeline: samples -> deterministic order -> tokens and pixels (actor pool) -> batches.
+"""The Ray Data pipeline: samples -> deterministic order -> tokens and pixels (tasks) -> model-ready rows.
 
 ::
 
     list files -> read this worker's files (per source) -> repeat by weight, keep its share, resume filter
         -> sort by order key
-        -> blocks of ~32 MB of pixels -> Encode = Tokenize + load_images (actors, one per CPU)
-        -> iter_torch_batches(Collator)
+        -> blocks of ~32 MB of pixels -> encode = Tokenize + load_images (tasks, one per CPU at a time)
+        -> (``batch.iterate``: iter_torch_batches(Collator) in the training process)
 
-Speed (``benchmarks/ingest.py``): one fused actor stage, because tasks leave their CPU idle between one
-task and the next while an actor has its next block queued; blocks of ~32 MB of pixels, big enough that a
-call costs little next to its decoding, small enough to spread over the actors and bring the first batch
-early; pixels travel as a uint8 tensor column, which the consumer reads without a copy; the collate function
+This module runs in Ray Data's worker processes and imports no torch (``batch.py`` holds the consumer side):
+a fresh worker process starts seconds sooner without it.
+
+Speed (``benchmarks/ingest.py``): one fused ``encode`` step, tasks rather than an actor pool: an actor pool
+starts fresh processes (importing owl2, loading the tokenizer) at every pass, while tasks run in the worker
+processes Ray keeps between passes, with the tokenizer cached in each; blocks of ~32 MB of pixels, big enough
+that a call costs little next to its decoding, small enough to spread over the tasks and bring the first
+batch early; pixels travel as a uint8 tensor column, which the consumer reads without a copy; the collate function
 copies each image once.
 
 Order: every sample copy gets a 63-bit key hashed from ``(seed, epoch, origin, copy)``; a worker's epoch is
@@ -37,8 +41,9 @@ more often; as files change hands every epoch, no file stays favoured through a 
 numbers may drift apart; each worker's position (epoch, last key) is its own in the checkpoint.
 
 Passes: one execution of the pipeline can stream several epochs back to back (sorted by epoch, then key:
-the same sequence as one execution per epoch). Each execution pays a start-up (read, sort, actors: 10-15 s
-on 2 CPUs) during which training waits, so the training loop asks for every epoch it still needs at once.
+the same sequence as one execution per epoch). Each execution pays a start-up (read, sort, first blocks)
+during which training waits: 0.4 s here when Ray still holds warm worker processes, 10-15 s on 2 CPUs when
+it must start them; so the training loop asks for every epoch it still needs at once.
 
 Bad records flow through as rows with ``error`` set (never raised one by one) and are counted by the
 collate function, which drops them from the batch.
@@ -49,21 +54,19 @@ from __future__ import annotations
 import hashlib
 import math
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
 import ray.data
-import torch
 from ray.data._internal.execution.execution_callback import ExecutionCallback
-from ray.data.collate_fn import NumpyBatchCollateFn
 
-from owl2.config import IGNORE_INDEX, DataConfig
+from owl2.config import DataConfig
 from owl2.config.data import DEFAULT_MAX_IMAGE_BYTES
 from owl2.data import images as image_ops
 from owl2.data.readers import ReadLimits, list_files, read
-from owl2.data.sample import SkipStats, decode_messages
+from owl2.data.sample import decode_messages
 
 ORDER_KEY = "order_key"
 EPOCH = "epoch"
@@ -72,8 +75,8 @@ EPOCH = "epoch"
 IDLE_STEP_S = 0.02
 IDLE_SLEEP_S = 0.02
 # Blocks from the sort on hold about this many bytes of pixels (one image a row): 55 rows at 448 px, 222 at
-# 224 px. One Encode call takes one block: smaller blocks cost more per image (each is an actor call, an
-# Arrow conversion, an object-store put); bigger ones spread over fewer actors and delay the first batch.
+# 224 px. One encode call takes one block: smaller blocks cost more per image (each is a task, an Arrow
+# conversion, an object-store put); bigger ones spread over fewer tasks and delay the first batch.
 BLOCK_BYTES = 32 * 1024 * 1024
 # Columns every stage passes on as they are (``origin``: a skip's detail names the record's ``file:row``).
 _KEPT = ("id", "origin", "source", EPOCH, ORDER_KEY)
@@ -203,10 +206,10 @@ def samples(
 
 
 class Tokenize:
-    """Ray Data actor: conversation -> ``input_ids`` with ``-200`` per image and masked ``labels``.
+    """Conversation -> ``input_ids`` with ``-200`` per image and masked ``labels`` (a block at a time).
 
-    Each actor loads the tokenizer once. Also validates what tokenising reveals: no assistant turn,
-    placeholder/image count mismatch, too long even after image-aware truncation.
+    Loads the tokenizer once (:func:`encode` keeps one per worker process). Also validates what tokenising
+    reveals: no assistant turn, placeholder/image count mismatch, too long even after image-aware truncation.
     """
 
     def __init__(self, tokenizer_dir: str, template: str, max_length: int, tokens_per_image: int) -> None:
@@ -325,18 +328,17 @@ def encoded(
     if YieldWhenIdle not in context.custom_execution_callback_classes:
         context.custom_execution_callback_classes.append(YieldWhenIdle)
     dataset = samples(config, epoch, rank, world_size, after_key, epochs)
-    # The sort leaves one block per input file: smaller blocks spread the work over the actors and stream (a
+    # The sort leaves one block per input file: smaller blocks spread the work over the tasks and stream (a
     # streaming repartition: no shuffle, the order is kept).
     dataset = dataset.repartition(target_num_rows_per_block=rows_per_block(config.image_size))
     return dataset.map_batches(
-        Encode,
-        fn_constructor_args=(config, tokens_per_image),
+        encode,
+        fn_args=(config, tokens_per_image),
         batch_size=None,  # one block per call
         batch_format="numpy",
-        compute=ray.data.ActorPoolStrategy(size=encode_actors(config, world_size)),
-        # No CPU reservation: actors holding CPUs starve the read and sort tasks of their own pipeline
-        # (ray_notes.md) or of another pipeline alive beside it (two training workers on 2 cores; validation
-        # while training's pipeline waits). The pool's size bounds the CPUs it uses.
+        compute=ray.data.TaskPoolStrategy(size=encode_tasks(config, world_size)),
+        # No CPU reservation (the cap above bounds the CPUs used): the training workers hold theirs for the
+        # whole run, and a reservation here could leave a pipeline no CPU to run on (ray_notes.md).
         num_cpus=0,
     )
 
@@ -359,143 +361,40 @@ class YieldWhenIdle(ExecutionCallback):
 
 
 def rows_per_block(image_size: int) -> int:
-    """Rows of the blocks that ``Encode`` takes one at a time: about ``BLOCK_BYTES`` of pixels."""
+    """Rows of the blocks that :func:`encode` takes one at a time: about ``BLOCK_BYTES`` of pixels."""
     return max(16, min(1024, BLOCK_BYTES // (3 * image_size * image_size)))
 
 
-def encode_actors(config: DataConfig, world_size: int = 1) -> int:
-    """How many ``Encode`` actors one worker's pipeline runs: one per CPU of its share of the cluster.
+def encode_tasks(config: DataConfig, world_size: int = 1) -> int:
+    """How many :func:`encode` tasks one worker's pipeline runs at once: one per CPU of its share of the cluster.
 
     ``world_size`` pipelines share the cluster's CPUs, less those the Ray Train workers hold; at least
-    ``data.tokenizer_actors``. On 2 CPUs: 2 actors, or 1 for each of two training workers.
+    ``data.encode_tasks``. On 2 CPUs: 2 tasks, or 1 for each of two training workers.
     """
     context = ray.get_runtime_context()
     held = context.get_assigned_resources().get("CPU", 0.0) if context.get_actor_id() else 0.0
     share = ray.cluster_resources().get("CPU", 1.0) / max(world_size, 1) - held
-    return max(config.tokenizer_actors, int(share), 1)
+    return max(config.encode_tasks, int(share), 1)
 
 
-class Encode:
-    """Ray Data actor: :class:`Tokenize` then :func:`load_images`, fused.
+@lru_cache(maxsize=8)
+def _tokenize(tokenizer_dir: str, template: str, max_length: int, tokens_per_image: int) -> Tokenize:
+    """A :class:`Tokenize` per worker process and setting: the tokenizer loads once, not once a block."""
+    return Tokenize(tokenizer_dir, template, max_length, tokens_per_image)
 
-    One stage, so a block crosses the object store once, after its pixels exist, and each actor always has
-    its next block queued (tasks leave a CPU idle between one task and the next).
+
+def encode(batch: dict[str, np.ndarray], config: DataConfig, tokens_per_image: int) -> dict[str, Any]:
+    """Ray Data task: :class:`Tokenize` then :func:`load_images` of one block, fused.
+
+    One step, so a block crosses the object store once, after its pixels exist. Tasks, not actors: Ray keeps
+    its idle worker processes and hands them the next pass's tasks with owl2 already imported and the
+    tokenizer loaded, where an actor pool starts fresh processes for every pass (seconds each).
     """
-
-    def __init__(self, config: DataConfig, tokens_per_image: int) -> None:
-        self.tokenize = Tokenize(config.tokenizer, config.template, config.max_length, tokens_per_image)
-        self.images = {
-            "image_size": config.image_size,
-            "resize": config.resize,
-            "max_pixels": config.max_image_pixels,
-            "max_bytes": config.max_image_bytes,
-        }
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
-        out = load_images(self.tokenize(batch), **self.images)
-        # The pixels as uint8 arrays [n, 3, S, S] (views of the bytes): Arrow keeps them in a tensor column,
-        # which the consumer reads without a copy; a binary column is copied into Python bytes there.
-        side = self.images["image_size"]
-        out["pixels"] = _ragged([np.frombuffer(data, np.uint8).reshape(-1, 3, side, side) for data in out["pixels"]])
-        return out
-
-
-@dataclass
-class Batch:
-    """A padded training batch (right padding), plus what the model needs to route without device syncs."""
-
-    input_ids: torch.Tensor  # [B, L] long
-    attention_mask: torch.Tensor  # [B, L] long
-    labels: torch.Tensor  # [B, L] long, -100 ignored
-    images: torch.Tensor  # [N, 3, S, S] uint8, batch order then placeholder order
-    image_counts: list[int]  # images per row, on the host
-    ids: list[str]
-    epoch: int  # epoch and order key of the last row (good or bad) of this batch: the resume position
-    last_key: int
-    skips: SkipStats = field(default_factory=SkipStats)
-
-    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
-        """Model keyword arguments on ``device``; pixels are normalised there.
-
-        For a CUDA device each tensor is first copied into pinned host memory: only from there is a
-        ``non_blocking`` copy asynchronous (from pageable memory the host waits for it).
-        """
-        pin = torch.device(device).type == "cuda"
-
-        def moved(tensor: torch.Tensor) -> torch.Tensor:
-            return (tensor.pin_memory() if pin else tensor).to(device, non_blocking=True)
-
-        return {
-            "input_ids": moved(self.input_ids),
-            "attention_mask": moved(self.attention_mask),
-            "labels": moved(self.labels),
-            "images": image_ops.normalize(moved(self.images), dtype) if len(self.images) else None,
-            "image_counts": self.image_counts,
-        }
-
-
-class Collator(NumpyBatchCollateFn):
-    """``collate_fn`` for ``iter_torch_batches``: drops and counts bad rows, pads to the longest row."""
-
-    def __init__(self, pad_token_id: int, image_size: int) -> None:
-        self.pad_token_id = pad_token_id
-        self.image_size = image_size
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> Batch:
-        skips = SkipStats()
-        good = []
-        for i, error in enumerate(batch["error"]):
-            skips.add(error, str(batch["detail"][i]) if error else "")
-            if not error:
-                good.append(i)
-        length = max((len(batch["input_ids"][i]) for i in good), default=0)
-        input_ids = torch.full((len(good), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(good), length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(good), length), dtype=torch.long)
-        counts = [int(batch["num_images"][i]) for i in good]
-        for row, i in enumerate(good):
-            n = len(batch["input_ids"][i])
-            input_ids[row, :n] = torch.from_numpy(np.array(batch["input_ids"][i], dtype=np.int64))
-            labels[row, :n] = torch.from_numpy(np.array(batch["labels"][i], dtype=np.int64))
-            attention_mask[row, :n] = 1
-        # One copy of each row's bytes into the batch tensor: torch.cat of uint8 tensors is ~10x slower than
-        # this and runs in the consumer's process, which competes with the pipeline's workers for the CPUs.
-        side = self.image_size
-        images = torch.empty((sum(counts), 3, side, side), dtype=torch.uint8)
-        flat, size, offset = images.numpy().reshape(-1), 3 * side * side, 0
-        for i, count in zip(good, counts, strict=True):
-            if count:
-                data = batch["pixels"][i]  # uint8 [n, 3, S, S] from Encode, or load_images' bytes
-                data = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else np.ravel(data)
-                if data.size != count * size:
-                    raise ValueError(f"{batch['id'][i]}: {data.size} pixel bytes for {count} images of {side}px")
-                flat[offset * size : (offset + count) * size] = data
-                offset += count
-        return Batch(
-            input_ids=input_ids,
-            attention_mask=attention_mask,
-            labels=labels,
-            images=images,
-            image_counts=counts,
-            ids=[str(batch["id"][i]) for i in good],
-            epoch=int(batch[EPOCH][-1]) if len(batch[EPOCH]) else -1,
-            last_key=int(batch[ORDER_KEY][-1]) if len(batch[ORDER_KEY]) else -1,
-            skips=skips,
-        )
-
-
-def iterate(
-    dataset: ray.data.Dataset, collator: Collator, batch_size: int, stats: SkipStats, prefetch_batches: int = 2
-) -> Iterator[Batch]:
-    """Batches of good rows; bad rows are counted into ``stats``, which stops the run past its limit.
-
-    Works on a ``Dataset`` or on the ``DataIterator`` Ray Train hands each worker.
-    """
-    # Ray runs the collate function in its prefetch thread, off the training loop's critical path.
-    for batch in dataset.iter_torch_batches(
-        batch_size=batch_size, collate_fn=collator, prefetch_batches=prefetch_batches
-    ):
-        stats.merge(batch.skips)
-        stats.check()
-        if batch.ids:
-            yield batch
+    tokenize = _tokenize(config.tokenizer, config.template, config.max_length, tokens_per_image)
+    images = (config.image_size, config.resize, config.max_image_pixels, config.max_image_bytes)
+    out = load_images(tokenize(batch), *images)
+    # The pixels as uint8 arrays [n, 3, S, S] (views of the bytes): Arrow keeps them in a tensor column,
+    # which the consumer reads without a copy; a binary column is copied into Python bytes there.
+    side = config.image_size
+    out["pixels"] = _ragged([np.frombuffer(data, np.uint8).reshape(-1, 3, side, side) for data in out["pixels"]])
+    return out

@@ -25,7 +25,8 @@ import torch
 import torch.distributed as dist
 
 from owl2.config import ModelConfig, ModelInitConfig, ResourcesConfig
-from owl2.data.pipeline import Batch, Collator, encoded, iterate
+from owl2.data.batch import Batch, Collator, iterate
+from owl2.data.pipeline import encoded
 from owl2.data.sample import SkipStats
 from owl2.errors import Unrecoverable
 from owl2.plan.flops import FlopModel

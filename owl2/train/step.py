@@ -20,7 +20,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from owl2.data.pipeline import Batch
+from owl2.data.batch import Batch
 from owl2.model.owl2 import count_labels
 from owl2.plan.flops import FlopModel
 from owl2.train import parallel

@@ -6,7 +6,8 @@ import torch
 import torch.distributed as dist
 
 from owl2.config import IGNORE_INDEX, ValidationConfig
-from owl2.data.pipeline import Batch, Collator, encoded, iterate
+from owl2.data.batch import Batch, Collator, iterate
+from owl2.data.pipeline import encoded
 from owl2.data.sample import SkipStats
 from owl2.model.owl2 import count_labels
 

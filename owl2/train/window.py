@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from owl2.config import IGNORE_INDEX
-from owl2.data.pipeline import Batch
+from owl2.data.batch import Batch
 from owl2.data.sample import SkipStats
 from owl2.plan.flops import FlopModel
 from owl2.train.checkpoint import TrainState

@@ -1,0 +1,124 @@
+"""The consumer side of the pipeline, in the training process: padded :class:`Batch` es of good rows.
+
+:func:`iterate` turns a worker's Ray Data stream (``pipeline.encoded``) into batches: the :class:`Collator`
+drops and counts bad rows and pads the rest to the longest row; :meth:`Batch.to` moves a batch to the device
+and normalises its pixels there. Kept apart from ``pipeline.py`` because this side needs torch, and the Ray
+Data workers that run the pipeline's steps then do not import it (seconds per fresh worker process).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import ray.data
+import torch
+from ray.data.collate_fn import NumpyBatchCollateFn
+
+from owl2.config import IGNORE_INDEX
+from owl2.data import images as image_ops
+from owl2.data.pipeline import EPOCH, ORDER_KEY
+from owl2.data.sample import SkipStats
+
+
+@dataclass
+class Batch:
+    """A padded training batch (right padding), plus what the model needs to route without device syncs."""
+
+    input_ids: torch.Tensor  # [B, L] long
+    attention_mask: torch.Tensor  # [B, L] long
+    labels: torch.Tensor  # [B, L] long, -100 ignored
+    images: torch.Tensor  # [N, 3, S, S] uint8, batch order then placeholder order
+    image_counts: list[int]  # images per row, on the host
+    ids: list[str]
+    epoch: int  # epoch and order key of the last row (good or bad) of this batch: the resume position
+    last_key: int
+    skips: SkipStats = field(default_factory=SkipStats)
+
+    def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
+        """Model keyword arguments on ``device``; pixels are normalised there.
+
+        For a CUDA device each tensor is first copied into pinned host memory: only from there is a
+        ``non_blocking`` copy asynchronous (from pageable memory the host waits for it).
+        """
+        pin = torch.device(device).type == "cuda"
+
+        def moved(tensor: torch.Tensor) -> torch.Tensor:
+            return (tensor.pin_memory() if pin else tensor).to(device, non_blocking=True)
+
+        return {
+            "input_ids": moved(self.input_ids),
+            "attention_mask": moved(self.attention_mask),
+            "labels": moved(self.labels),
+            "images": image_ops.normalize(moved(self.images), dtype) if len(self.images) else None,
+            "image_counts": self.image_counts,
+        }
+
+
+class Collator(NumpyBatchCollateFn):
+    """``collate_fn`` for ``iter_torch_batches``: drops and counts bad rows, pads to the longest row."""
+
+    def __init__(self, pad_token_id: int, image_size: int) -> None:
+        self.pad_token_id = pad_token_id
+        self.image_size = image_size
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> Batch:
+        skips = SkipStats()
+        good = []
+        for i, error in enumerate(batch["error"]):
+            skips.add(error, str(batch["detail"][i]) if error else "")
+            if not error:
+                good.append(i)
+        length = max((len(batch["input_ids"][i]) for i in good), default=0)
+        input_ids = torch.full((len(good), length), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(good), length), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(good), length), dtype=torch.long)
+        counts = [int(batch["num_images"][i]) for i in good]
+        for row, i in enumerate(good):
+            n = len(batch["input_ids"][i])
+            input_ids[row, :n] = torch.from_numpy(np.array(batch["input_ids"][i], dtype=np.int64))
+            labels[row, :n] = torch.from_numpy(np.array(batch["labels"][i], dtype=np.int64))
+            attention_mask[row, :n] = 1
+        # One copy of each row's bytes into the batch tensor: torch.cat of uint8 tensors is ~10x slower than
+        # this and runs in the consumer's process, which competes with the pipeline's workers for the CPUs.
+        side = self.image_size
+        images = torch.empty((sum(counts), 3, side, side), dtype=torch.uint8)
+        flat, size, offset = images.numpy().reshape(-1), 3 * side * side, 0
+        for i, count in zip(good, counts, strict=True):
+            if count:
+                data = batch["pixels"][i]  # uint8 [n, 3, S, S] from Encode, or load_images' bytes
+                data = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else np.ravel(data)
+                if data.size != count * size:
+                    raise ValueError(f"{batch['id'][i]}: {data.size} pixel bytes for {count} images of {side}px")
+                flat[offset * size : (offset + count) * size] = data
+                offset += count
+        return Batch(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            labels=labels,
+            images=images,
+            image_counts=counts,
+            ids=[str(batch["id"][i]) for i in good],
+            epoch=int(batch[EPOCH][-1]) if len(batch[EPOCH]) else -1,
+            last_key=int(batch[ORDER_KEY][-1]) if len(batch[ORDER_KEY]) else -1,
+            skips=skips,
+        )
+
+
+def iterate(
+    dataset: ray.data.Dataset, collator: Collator, batch_size: int, stats: SkipStats, prefetch_batches: int = 2
+) -> Iterator[Batch]:
+    """Batches of good rows; bad rows are counted into ``stats``, which stops the run past its limit.
+
+    Works on a ``Dataset`` or on the ``DataIterator`` Ray Train hands each worker.
+    """
+    # Ray runs the collate function in its prefetch thread, off the training loop's critical path.
+    for batch in dataset.iter_torch_batches(
+        batch_size=batch_size, collate_fn=collator, prefetch_batches=prefetch_batches
+    ):
+        stats.merge(batch.skips)
+        stats.check()
+        if batch.ids:
+            yield batch
