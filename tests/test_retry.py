@@ -11,6 +11,7 @@ from ray.train.v2.api.exceptions import WorkerGroupError
 
 from owl2.data.sample import TooManyBadRecords
 from owl2.errors import StageFailed
+from owl2.folders import write_manifest
 from owl2.train.retry import describe_failure, fit_with_restarts, last_checkpoint_step, unrecoverable_cause
 
 
@@ -39,9 +40,14 @@ def test_failures_are_described_in_one_line():
 
 
 def test_restarts_resume_until_the_limit_and_say_so(tmp_path):
-    checkpoint = tmp_path / "run-stage1" / "checkpoint_2026-01-01_00-00-00.000000"
-    checkpoint.mkdir(parents=True)
-    (checkpoint / "state.json").write_text(json.dumps({"stage": "stage1", "step": 200}))
+    # The newer checkpoint's weights were cut short by the crash: the workers resume from the older one.
+    for minute, step in (("00", 200), ("05", 300)):
+        checkpoint = tmp_path / "run-stage1" / f"checkpoint_2026-01-01_00-{minute}-00.000000"
+        checkpoint.mkdir(parents=True)
+        (checkpoint / "state.json").write_text(json.dumps({"stage": "stage1", "step": step}))
+        (checkpoint / "model.safetensors").write_bytes(b"weights" * 100)
+        write_manifest(checkpoint, step)
+    (checkpoint / "model.safetensors").write_bytes(b"weights")
     assert last_checkpoint_step(str(tmp_path), "run-stage1") == 200
     said, outcomes = [], [_failed(r0=ValueError("flaky")), _failed(r1=ValueError("again")), "done"]
 

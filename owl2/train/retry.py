@@ -50,13 +50,20 @@ def describe_failure(error: BaseException) -> str:
 
 
 def last_checkpoint_step(storage_path: str, run_name: str) -> int | None:
-    """The step of the run's newest local checkpoint (None for none, or storage that is not a local folder)."""
-    from owl2.train.checkpoint import STATE_FILE, load_state
+    """The step of the run's newest complete local checkpoint (None for none, or storage that is not a local
+    folder): a folder cut short by the crash, or damaged since, is passed over as the workers will pass it."""
+    from owl2.folders import DamagedFolder, looks_complete
+    from owl2.train.checkpoint import load_state
 
     if "://" in storage_path:
         return None
-    steps = [load_state(state.parent).step for state in Path(storage_path, run_name).glob(f"checkpoint_*/{STATE_FILE}")]
-    return max(steps, default=None)
+    for folder in sorted(Path(storage_path, run_name).glob("checkpoint_*"), reverse=True):
+        try:
+            looks_complete(folder)
+        except DamagedFolder:
+            continue
+        return load_state(folder).step
+    return None
 
 
 def fit_with_restarts(
