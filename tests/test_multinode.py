@@ -6,6 +6,7 @@ one single-node local Ray (``conftest.ray_cluster``), which a second cluster in 
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import threading
@@ -75,6 +76,13 @@ def _world(root: Path) -> None:
         (root / "data" / "shards" / f"train-{index}.jsonl").write_text("\n".join(part) + "\n")
 
 
+def _free_port() -> int:
+    """A port for this cluster's dashboard: the session's own Ray (conftest.ray_cluster) may hold 8265."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
 def _scenario(root: Path) -> dict:
     """Train to the checkpoint of step 2 on three nodes, remove a node that holds a worker, resume to step 4 on
     the two left (nodes are not added later: a node starting on a loaded machine can time out)."""
@@ -90,7 +98,7 @@ def _scenario(root: Path) -> dict:
     _world(root)
     # As in conftest.ray_cluster: idle worker processes kept for reuse, the dashboard on (runtime.ensure_ray).
     keep_workers = {"num_workers_soft_limit": 8, "idle_worker_killing_time_threshold_ms": 600_000}
-    head = {"num_cpus": 0, "include_dashboard": True, "_system_config": keep_workers}
+    head = {"num_cpus": 0, "include_dashboard": True, "dashboard_port": _free_port(), "_system_config": keep_workers}
     cluster = Cluster(initialize_head=True, head_node_args=head)
     nodes = {cluster.add_node(num_cpus=NODE_CPUS) for _ in range(3)}
     cluster.wait_for_nodes()

@@ -129,18 +129,23 @@ def test_two_workers_learn(ray_cluster, world):
     assert len(_state(result)["last_keys"]) == 2  # one data position per worker
 
 
-def test_resume_equals_an_uninterrupted_run(ray_cluster, world, tmp_path):
-    # 10 steps of 16 samples over 60 images: a first pass over epoch 0, then one pass over epochs 1 and 2, in
-    # which the crash after step 6 falls; the resumed run finishes epoch 1, then takes epoch 2 in a pass of its own.
+def test_resume_equals_an_uninterrupted_run_even_when_the_latest_checkpoint_is_damaged(ray_cluster, world, tmp_path):
+    # 10 steps of 16 samples over 60 images: a first pass over epoch 0, then one pass over epochs 1 and 2. The
+    # crash after step 6 leaves checkpoints at steps 2, 4 and 6; the weights of step 6 are then cut short on
+    # storage, so the resumed run starts from step 4, finishes epoch 1, then takes epoch 2 in a pass of its own.
     steps = "stages.stage1.max_steps=10"
     straight = run_experiment(_experiment(world, "straight", steps), stages=["stage1"])[0]
 
     write_plan(world / "runs", [Fault(run="interrupted-stage1", step=6, marker=str(tmp_path / "crashed"))])
     with pytest.raises(ray.train.TrainingFailedError):  # max_failures=0: the crash after step 6 is final
         run_experiment(_experiment(world, "interrupted", steps, "max_failures=0"), stages=["stage1"])
+    latest = sorted(path for path in (world / "runs" / "interrupted-stage1").glob("checkpoint_*") if path.is_dir())[-1]
+    assert json.loads((latest / "state.json").read_text())["step"] == 6
+    weights = latest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
     resumed = run_experiment(_experiment(world, "interrupted", steps), stages=["stage1"])[0]
 
-    assert _state(resumed)["resumed_at"] == [6] and _state(resumed)["step"] == 10
+    assert _state(resumed)["resumed_at"] == [4] and _state(resumed)["step"] == 10
     assert _state(resumed)["epochs"] == _state(straight)["epochs"] == [2]
     assert _state(resumed)["passes"] == _state(straight)["passes"] and _state(straight)["passes"][0][:2] == [1, 3]
     assert _state(resumed)["last_keys"] == _state(straight)["last_keys"]  # same data position
@@ -175,18 +180,3 @@ def test_data_that_is_all_bad_ends_the_stage_at_once_without_restarts(ray_cluste
     with pytest.raises(StageFailed, match=r"stage stage1 failed, not retried: worker 0: .*missing_file"):
         run_experiment(experiment, stages=["stage1"])
     assert "resuming" not in capsys.readouterr().out
-
-
-def test_a_resume_whose_latest_checkpoint_is_damaged_starts_from_the_one_before(ray_cluster, world, tmp_path):
-    # Checkpoints at steps 2 and 4, a crash after the second; its weights are then cut short on storage.
-    steps = "stages.stage1.max_steps=6"
-    write_plan(world / "runs", [Fault(run="damaged-stage1", step=4, marker=str(tmp_path / "crashed"))])
-    with pytest.raises(ray.train.TrainingFailedError):
-        run_experiment(_experiment(world, "damaged", steps, "max_failures=0"), stages=["stage1"])
-    latest = sorted(path for path in (world / "runs" / "damaged-stage1").glob("checkpoint_*") if path.is_dir())[-1]
-    assert json.loads((latest / "state.json").read_text())["step"] == 4
-    weights = latest / "model.safetensors"
-    weights.write_bytes(weights.read_bytes()[:1000])
-
-    resumed = run_experiment(_experiment(world, "damaged", steps), stages=["stage1"])[0]
-    assert _state(resumed)["resumed_at"] == [2] and _state(resumed)["step"] == 6

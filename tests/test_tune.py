@@ -132,14 +132,14 @@ def test_two_by_two_grid_tracks_every_trial_and_writes_the_best_config(ray_clust
 
 
 @pytest.mark.slow
-def test_a_crashing_trial_is_retried_and_does_not_stop_the_sweep(ray_cluster, world, tmp_path):
+def test_a_crashing_trial_does_not_stop_the_sweep_and_a_rerun_retries_it(ray_cluster, world, tmp_path):
     sweep, base = _stage2_sweep(
         tmp_path / "crash.yaml",
         world,
         "crash",
         {"stages.stage2.optim.lr": {"grid": [3.0e-3, 1.0e6]}},  # the second diverges: NaN loss, then a crash
         max_concurrent_trials=1,
-        trial_max_failures=1,
+        trial_max_failures=0,  # a retry would only repeat the NaN limit (and cost this test a run)
     )
     summaries = {s.values["stages.stage2.optim.lr"]: s for s in run_sweep(sweep, base)}
     assert summaries[3e-3].status == "TERMINATED" and not summaries[3e-3].stopped_early
