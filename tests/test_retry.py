@@ -48,6 +48,7 @@ def test_restarts_resume_until_the_limit_and_say_so(tmp_path):
         (checkpoint / "model.safetensors").write_bytes(b"weights" * 100)
         write_manifest(checkpoint, step)
     (checkpoint / "model.safetensors").write_bytes(b"weights")
+    (checkpoint.parent / "checkpoint_manager_snapshot.json").write_text("{}")  # Ray Train's, beside them
     assert last_checkpoint_step(str(tmp_path), "run-stage1") == 200
     said, outcomes = [], [_failed(r0=ValueError("flaky")), _failed(r1=ValueError("again")), "done"]
 

@@ -57,7 +57,9 @@ def last_checkpoint_step(storage_path: str, run_name: str) -> int | None:
 
     if "://" in storage_path:
         return None
-    for folder in sorted(Path(storage_path, run_name).glob("checkpoint_*"), reverse=True):
+    # Ray Train keeps checkpoint_manager_snapshot.json beside the checkpoint_<time> folders.
+    folders = [path for path in Path(storage_path, run_name).glob("checkpoint_*") if path.is_dir()]
+    for folder in sorted(folders, reverse=True):
         try:
             looks_complete(folder)
         except DamagedFolder:
