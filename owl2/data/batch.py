@@ -88,7 +88,7 @@ class Collator(NumpyBatchCollateFn):
         flat, size, offset = images.numpy().reshape(-1), 3 * side * side, 0
         for i, count in zip(good, counts, strict=True):
             if count:
-                data = batch["pixels"][i]  # uint8 [n, 3, S, S] from Encode, or load_images' bytes
+                data = batch["pixels"][i]  # uint8 [n, 3, S, S] from pipeline.encode, or load_images' bytes
                 data = np.frombuffer(data, np.uint8) if isinstance(data, bytes) else np.ravel(data)
                 if data.size != count * size:
                     raise ValueError(f"{batch['id'][i]}: {data.size} pixel bytes for {count} images of {side}px")

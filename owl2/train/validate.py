@@ -16,7 +16,7 @@ class HeldOut:
     """One worker's held-out batches, read once through the data pipeline and kept in memory.
 
     The set is small (``max_batches`` batches), and building a Ray Data pipeline per evaluation would cost
-    its actors' start-up each time; every evaluation sees exactly the same samples.
+    its start-up each time; every evaluation sees exactly the same samples.
     """
 
     def __init__(
