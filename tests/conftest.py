@@ -13,8 +13,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 # Set before anything imports transformers/huggingface_hub, which read these once.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# Ray Train's controller polls workers every 2 s by default; tiny test runs would mostly wait.
-os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+# Ray Train's controller polls workers every 2 s by default; tiny test runs would mostly wait. Set only while the
+# session's cluster starts (its processes inherit it): see owl2.runtime.WARM_LOCAL_CLUSTER.
+TRAIN_POLL_ENV = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
 
 if "OMP_NUM_THREADS" not in os.environ:  # an explicit thread count from the caller wins
     # CI machines have 2 cores; more threads than cores slows the tiny models down.
@@ -229,17 +230,19 @@ def ray_cluster():
     owl2 starts one (``runtime.ensure_ray``), sized for this machine."""
     import ray
 
-    from owl2.runtime import ensure_ray
+    from owl2.runtime import WARM_LOCAL_CLUSTER, ensure_ray
 
-    ensure_ray(
-        # Always a fresh cluster of the session's own: without an address, Ray joins the cluster that
-        # /tmp/ray/ray_current_cluster names (left by another session, or already gone).
-        address="local",
-        num_cpus=2,
-        object_store_memory=256 * 1024 * 1024,
-        # Keep idle worker processes (Ray keeps only one per CPU, for a second): each data pass of each
-        # test then runs its tasks in processes that already imported owl2 (~0.4 s a pass, not ~10 s).
-        _system_config={"num_workers_soft_limit": 8, "idle_worker_killing_time_threshold_ms": 600_000},
-    )
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in TRAIN_POLL_ENV.items():
+            patch.setenv(name, value)
+        ensure_ray(
+            # Always a fresh cluster of the session's own: without an address, Ray joins the cluster that
+            # /tmp/ray/ray_current_cluster names (left by another session, or already gone).
+            address="local",
+            num_cpus=2,
+            object_store_memory=256 * 1024 * 1024,
+            # Warm processes: each data pass then takes ~0.4 s, not ~10 s, and a Train worker starts in ~0.1 s.
+            _system_config=WARM_LOCAL_CLUSTER,
+        )
     yield ray
     ray.shutdown()
