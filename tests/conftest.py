@@ -241,7 +241,7 @@ def ray_cluster():
             address="local",
             num_cpus=2,
             object_store_memory=256 * 1024 * 1024,
-            # Warm processes: each data pass then takes ~0.4 s, not ~10 s, and a Train worker starts in ~0.1 s.
+            # Idle worker processes kept: each data pass then takes ~0.4 s, not ~10 s.
             _system_config=WARM_LOCAL_CLUSTER,
         )
     yield ray
