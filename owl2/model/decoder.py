@@ -150,7 +150,7 @@ class Multiway(nn.Module):
         self.text = make()
         self.visual = make()
 
-    def forward(self, x: torch.Tensor, routing: Partition | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing: Partition | None = None) -> torch.Tensor:
         """x ``[..., D]`` all text when ``routing`` is None, else ``[N, D]`` rows grouped by it (text rows first,
         see :class:`Partition` over the visual mask) -> the same rows through their own copies ``[..., D']``."""
         if routing is None:
@@ -165,9 +165,10 @@ def per_modality(config: DecoderConfig, make: Callable[[], nn.Module]) -> nn.Mod
 
 
 def run_per_modality(module: nn.Module, rows: torch.Tensor, routing: Partition | None) -> torch.Tensor:
-    """Run a :func:`per_modality` part on rows grouped by ``routing``: a Multiway routes them to their copies, a
-    single shared module (never given a routing: the decoder builds none) takes them all."""
-    return module(rows, routing) if isinstance(module, Multiway) else module(rows)
+    """Run a :func:`per_modality` part on rows grouped by ``routing``. Without a routing (all text, or no
+    modality-adaptive module: the decoder then builds none) every row takes the one path: the text copy of a
+    Multiway, or the shared module."""
+    return module(rows) if routing is None else module(rows, routing)
 
 
 class ModalityAdaptiveAttention(nn.Module):
