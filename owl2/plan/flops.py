@@ -19,7 +19,8 @@ Two totals:
   checkpointing re-runs the forward of every checkpointed layer that gradients pass through (decoder layers,
   vision blocks, abstractor layers), up to the layer's last projection: PyTorch's non-reentrant checkpoint stops
   recomputing once the last saved tensor is back, and the final matmul (the MLP's down projection) saves nothing
-  its own backward lacks.
+  its own backward lacks. A modality-adaptive decoder layer given image tokens is the exception: the gather that
+  puts the MLP's rows back in sequence order saves its index, so the down projection is recomputed too.
 
 Padding is not counted: a batch's figures are the sums over its rows' real tokens.
 """
@@ -195,7 +196,10 @@ class FlopModel:
         hardware_layer = shared + kv + _attention(square_forward, grads)
         recompute = 0.0
         if self.checkpointing and grads:
-            down = 2 * length * config.intermediate_size * width  # not recomputed
+            # The down projection is not recomputed, unless its output must be put back in sequence order (a
+            # routed batch): that gather saves its index, so the recomputation runs through the projection.
+            routed = config.modality_adaptive and any_images
+            down = 0 if routed else 2 * length * config.intermediate_size * width
             recompute = shared_forward + square_forward + length * kv_forward - down
         head = _weighted(2 * width * config.vocab_size, grads, trains.lm_head)
         executed_head = head * (length if labelled is None else labelled)
