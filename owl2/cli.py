@@ -370,6 +370,8 @@ def _model_summary(args: argparse.Namespace) -> int:
 
     print(f"model preset {args.preset}" + (f" with {' '.join(args.overrides)}" if args.overrides else ""))
     config = {**flatten(to_dict(spec)), "tokens_per_image": spec.tokens_per_image}
+    if spec.projector != "abstractor":  # the abstractor section is then unused: listing it would mislead
+        config = {key: value for key, value in config.items() if not key.startswith("abstractor.")}
     _print_table("config", config)
     _print_table("parameters", {name: f"{count:,}" for name, count in counts.items()})
     return 0

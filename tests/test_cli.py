@@ -30,6 +30,26 @@ def test_model_summary_applies_overrides(capsys: pytest.CaptureFixture[str]) -> 
     assert re.search(r"^\s+decoder\.num_layers\s+1$", capsys.readouterr().out, re.M)
 
 
+def test_model_summary_shows_the_ablation_switches(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["model", "summary", "--preset", "debug"]) == 0
+    output = capsys.readouterr().out
+    assert re.search(r"^\s+projector\s+abstractor$", output, re.M)
+    assert re.search(r"^\s+decoder\.modality_adaptive\s+True$", output, re.M)
+
+    assert main(["model", "summary", "--preset", "debug", "projector=mlp", "decoder.modality_adaptive=false"]) == 0
+    output = capsys.readouterr().out
+    assert re.search(r"^\s+projector\s+mlp$", output, re.M)
+    assert re.search(r"^\s+decoder\.modality_adaptive\s+False$", output, re.M)
+    assert re.search(r"^\s+tokens_per_image\s+16$", output, re.M)  # a 4x4 patch grid at 56 px
+    assert "abstractor.num_queries" not in output  # the section is unused
+    assert _parameter_rows(output)["abstractor"] == 32 * 64 + 64 + 64 * 64 + 64
+
+    assert main(["model", "summary", "--preset", "debug", "projector=linear"]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.strip().splitlines() == [captured.err.strip()] and captured.out == ""
+    assert "model.projector 'linear' must be one of ['abstractor', 'mlp']" in captured.err
+
+
 def test_model_summary_of_the_7b_preset_matches_the_released_checkpoint(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["model", "summary", "--preset", "owl2-7b"]) == 0
     assert _parameter_rows(capsys.readouterr().out)["total"] == OWL2_7B_PARAMETERS

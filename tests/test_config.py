@@ -60,6 +60,8 @@ def test_overrides_are_typed_and_nested():
         (["decoder.num_layers=true"], r"must be int"),
         (["decoder.eos_token_id=300"], r"decoder.eos_token_id \(300\) must lie in"),
         (["decoder"], r"must look like section.field=value"),
+        (["projector=linear"], r"^model.projector 'linear' must be one of \['abstractor', 'mlp'\]$"),
+        (["decoder.modality_adaptive=maybe"], r"model.decoder.modality_adaptive must be bool, got 'maybe'"),
     ],
 )
 def test_bad_values_name_the_field(overrides, message):

@@ -1,13 +1,14 @@
-"""The modality-adaptive decoder: parity with transformers' LLaMA, multiway semantics, no host syncs."""
+"""The modality-adaptive decoder: parity with transformers' LLaMA, multiway semantics, no host syncs; the decoder
+without the module (``decoder.modality_adaptive: false``) against transformers' LLaMA and the MAM one."""
 
 import pytest
 import torch
 from transformers import LlamaForCausalLM
 
-from owl2.config import ModelConfig
+from owl2.config import IMAGE_TOKEN_INDEX, ModelConfig
 from owl2.model import Owl2Config, Owl2ForCausalLM
 from owl2.model.decoder import Multiway, Partition
-from owl2.model.keymaps import LLAMA, convert
+from owl2.model.keymaps import LLAMA, LLAMA_SHARED, Conversion, convert
 
 # Grouped-query attention on (4 query heads, 2 K/V heads): the official code cannot run this.
 DECODER = {
@@ -117,3 +118,73 @@ def test_decoder_routing_has_no_data_dependent_ops(llama_and_owl2, op_recorder):
     with torch.no_grad(), op_recorder:
         owl2.decoder(embeds, attention_mask=attention_mask, visual_mask=visual_mask, visual_tokens=visual_tokens)
     assert not op_recorder.syncing
+
+
+# ------------------------------------------------------------------------------------------ without the MAM
+
+
+@pytest.fixture(scope="module")
+def plain_owl2(llama_and_owl2):
+    """The LLaMA of ``llama_and_owl2`` in a decoder without the modality-adaptive module, with the MAM model's
+    vision encoder and abstractor (so that both models splice the same image tokens)."""
+    llama, owl2 = llama_and_owl2
+    spec = ModelConfig.from_preset("debug", {"decoder": {**DECODER, "modality_adaptive": False}})
+    conversion = convert(llama.state_dict(), LLAMA_SHARED, spec)
+    towers = {key: value for key, value in owl2.state_dict().items() if key.startswith(("vision.", "abstractor."))}
+    conversion.state_dict.update(towers)
+    return Owl2ForCausalLM.from_state_dict(Owl2Config.from_spec(spec), conversion).eval()
+
+
+def _image_batch(seed: int) -> dict:
+    """Two rows of 12 tokens: one image in the first, two in the second (right-padded after splicing)."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(3, 256, (2, 12), generator=generator)
+    input_ids[0, 1] = IMAGE_TOKEN_INDEX
+    input_ids[1, [2, 7]] = IMAGE_TOKEN_INDEX
+    images = torch.randn(3, 3, 56, 56, generator=generator)
+    return {"input_ids": input_ids, "images": images, "image_counts": [1, 2]}
+
+
+def test_plain_decoder_has_llama_layers(plain_owl2):
+    layer = plain_owl2.decoder.layers[0]
+    assert not any(isinstance(module, Multiway) for module in plain_owl2.modules())
+    assert isinstance(layer.self_attn.k_proj, torch.nn.Linear) and layer.input_layernorm.weight.shape == (64,)
+    assert plain_owl2.visual_branch_parameter_names() == set()
+
+
+def test_plain_decoder_matches_transformers_llama_on_image_and_text_embeddings(llama_and_owl2, plain_owl2):
+    llama, _ = llama_and_owl2
+    with torch.no_grad():
+        out = plain_owl2(**_image_batch(6), use_cache=False, output_hidden_states=True)
+        mask = out.attention_mask
+        assert out.visual_mask.sum() == 3 * 9 and (mask == 0).any()  # image tokens and padding both present
+        position_ids = (mask.cumsum(1) - 1).clamp(min=0)
+        expected = llama(inputs_embeds=out.hidden_states[0], attention_mask=mask, position_ids=position_ids)
+    valid = mask.bool()
+    torch.testing.assert_close(out.logits[valid], expected.logits[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_plain_decoder_ignores_the_modality_of_its_tokens(plain_owl2):
+    embeds = torch.randn(3, 11, 64, generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        reference, _ = plain_owl2.decoder(embeds)
+        routed, _ = plain_owl2.decoder(embeds, visual_mask=_random_visual_mask((3, 11), 8))
+    torch.testing.assert_close(routed, reference, atol=0, rtol=0)
+
+
+def test_identical_branches_equal_the_plain_model_with_images(llama_and_owl2, plain_owl2):
+    _, owl2 = llama_and_owl2  # both branches hold the LLaMA weights that plain_owl2 holds once
+    batch = _image_batch(9)
+    with torch.no_grad():
+        expected = plain_owl2(**batch, use_cache=False)
+        torch.testing.assert_close(owl2(**batch, use_cache=False).logits, expected.logits, atol=1e-5, rtol=1e-5)
+        # With a visual branch of its own the MAM model differs from the first image token on.
+        different = Owl2ForCausalLM.from_state_dict(owl2.config, Conversion(state_dict=owl2.state_dict())).eval()
+        generator = torch.Generator().manual_seed(10)
+        for layer in different.decoder.layers:
+            layer.self_attn.k_proj.visual.weight.normal_(0.0, 0.2, generator=generator)
+        logits = different(**batch, use_cache=False).logits
+    before_images = expected.visual_mask.cumsum(dim=1) == 0
+    torch.testing.assert_close(logits[before_images], expected.logits[before_images], atol=1e-5, rtol=1e-5)
+    differs = (logits - expected.logits).abs().amax(dim=-1) > 1e-3
+    assert torch.equal(differs, ~before_images)

@@ -119,6 +119,34 @@ def test_decoder_part_is_embeddings_layers_and_norm_but_not_the_head(model):
     assert len(trainable) == 1 + 2 * 13 + 1
 
 
+def test_stage2_with_a_frozen_vision_encoder_leaves_it_without_gradients_or_optimizer_state(model):
+    """The ablation's stage 2 (``trainable: [abstractor, decoder, lm_head]``): everything but the ViT trains."""
+    parts = ["abstractor", "decoder", "lm_head"]
+    apply_trainable(model, parts)
+    assert trainable_names(model) == _names(model) - _names(model, "vision.")
+    optimizer, groups = build_optimizer(model, OptimConfig(lr=1e-2, warmup_steps=0))
+    verify_optimizer_setup(model, optimizer, parts)
+    assert {group["module"] for group in groups} == {"abstractor", "decoder"}
+
+    before = {name: p.detach().clone() for name, p in model.vision.named_parameters()}
+    ids = torch.tensor([[1, IMAGE_TOKEN_INDEX, 5, 6, 7, 8]])
+    model.train()
+    model(ids, images=torch.randn(1, 3, 56, 56), labels=ids.masked_fill(ids < 0, IGNORE_INDEX)).loss.backward()
+    optimizer.step()
+    vision = list(model.vision.parameters())
+    assert all(param.grad is None for param in vision)
+    assert not any(param in optimizer.state for param in vision)
+    assert len(optimizer.state) == len(trainable_names(model))  # every other parameter took a step
+    assert all(torch.equal(before[name], p) for name, p in model.vision.named_parameters())
+    assert model.abstractor.queries.grad.abs().sum() > 0  # gradients still reach the abstractor
+
+
+def test_decoder_visual_selects_nothing_without_the_mam():
+    model = _model("decoder.modality_adaptive=false")
+    assert expected_trainable(model, ["decoder.visual"]) == set()
+    assert expected_trainable(model, STAGE1) == _names(model, "vision.") | _names(model, "abstractor.")
+
+
 def test_decoder_visual_is_what_the_model_declares(model, monkeypatch):
     assert model.visual_branch_parameter_names() == VISUAL_COPIES
     # The policy asks the model (through wrappers), it does not look for modality copies itself.

@@ -1,6 +1,8 @@
-"""Key-mapping tables and checkpoint I/O: the 7B layout, save/load round trips, LLaMA-2 + CLIP builds."""
+"""Key-mapping tables and checkpoint I/O: the 7B layout, save/load round trips, LLaMA-2 + CLIP builds, decoders
+with and without the modality-adaptive module."""
 
 import json
+import logging
 import pickle
 import shutil
 from functools import partial
@@ -223,6 +225,86 @@ def test_unknown_key_is_reported_or_refused(
         Owl2ForCausalLM.from_pretrained(folder)
     report = Owl2ForCausalLM.from_pretrained(folder, strict=False).load_report
     assert report.unexpected == ["model.mystery.weight"] and report.missing == []
+
+
+# ---------------------------------------------------------------------------------------------- decoder layouts
+
+WITHOUT_MAM = ["decoder.modality_adaptive=false"]
+MODALITY_PARTS = ("self_attn.k_proj", "self_attn.v_proj", "input_layernorm", "post_attention_layernorm")
+
+
+def _layout_warnings(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [record.getMessage() for record in caplog.records if record.name == "owl2.model.owl2"]
+
+
+def test_official_checkpoint_into_a_decoder_without_the_mam_keeps_the_text_branch(
+    golden_dir: Path, official_state_dict: dict[str, torch.Tensor], caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.WARNING, logger="owl2.model.owl2"):
+        plain = Owl2ForCausalLM.from_pretrained(golden_dir, overrides=WITHOUT_MAM)
+    assert plain.config.spec.decoder.modality_adaptive is False
+    ours = plain.state_dict()
+    for i in range(2):
+        for part in MODALITY_PARTS:
+            text = official_state_dict[f"model.layers.{i}.{part}.multiway.0.weight"]
+            assert torch.equal(ours[f"decoder.layers.{i}.{part}.weight"], text), part
+    report = plain.load_report
+    assert report.missing == [] and report.unexpected == []
+    visual = sorted(f"decoder.layers.{i}.{part}.visual.weight" for i in range(2) for part in MODALITY_PARTS)
+    assert sorted(key for key in report.dropped if ".visual." in key) == visual
+    assert len(report.dropped) == 6 + len(visual)  # the recomputed buffers, as without the switch
+    (line,) = _layout_warnings(caplog)
+    assert "keeps the text branch" in line and "drops the 8 visual copies" in line
+
+
+def test_without_the_mam_text_rows_are_unchanged_and_image_rows_are_not(
+    golden_dir: Path, case_a: dict[str, torch.Tensor], official_logits: torch.Tensor
+) -> None:
+    inputs = load_file(golden_dir / "inputs.safetensors")
+    text_only = {name: inputs[f"B_text_only.{name}"] for name in ("input_ids", "attention_mask")}
+    mam = Owl2ForCausalLM.from_pretrained(golden_dir)
+    plain = Owl2ForCausalLM.from_pretrained(golden_dir, overrides=WITHOUT_MAM)
+    torch.testing.assert_close(_logits(plain, text_only), _logits(mam, text_only), atol=1e-6, rtol=1e-6)
+    assert not torch.allclose(_logits(plain, case_a), official_logits, atol=1e-3)
+
+
+def test_our_checkpoints_load_into_the_other_decoder_layout(
+    tmp_path: Path, golden_dir: Path, case_a: dict[str, torch.Tensor], caplog: pytest.LogCaptureFixture
+) -> None:
+    mam = Owl2ForCausalLM.from_pretrained(golden_dir)
+    mam.save_pretrained(tmp_path / "mam")
+    plain = Owl2ForCausalLM.from_pretrained(tmp_path / "mam", overrides=WITHOUT_MAM)
+    layer, source = plain.decoder.layers[0], mam.decoder.layers[0]
+    assert torch.equal(layer.self_attn.v_proj.weight, source.self_attn.v_proj.text.weight)
+    assert torch.equal(layer.post_attention_layernorm.weight, source.post_attention_layernorm.text.weight)
+
+    plain.save_pretrained(tmp_path / "plain")
+    assert read_config(tmp_path / "plain")["decoder"]["modality_adaptive"] is False
+    assert not Owl2ForCausalLM.from_pretrained(tmp_path / "plain").config.spec.decoder.modality_adaptive
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="owl2.model.owl2"):
+        back = Owl2ForCausalLM.from_pretrained(tmp_path / "plain", overrides=["decoder.modality_adaptive=true"])
+    (line,) = _layout_warnings(caplog)
+    assert "both modality branches" in line
+    assert back.load_report.missing == [] and back.load_report.unexpected == []
+    for branch in ("text", "visual"):
+        copy = getattr(back.decoder.layers[1].self_attn.k_proj, branch)
+        assert torch.equal(copy.weight, plain.decoder.layers[1].self_attn.k_proj.weight)
+    # Identical branches: the MAM model computes what the plain one does, image tokens included.
+    torch.testing.assert_close(_logits(back, case_a), _logits(plain, case_a), atol=1e-5, rtol=1e-5)
+
+
+def test_llama_builds_a_decoder_without_the_mam_directly(
+    llama: tuple[Path, dict[str, torch.Tensor]], hf_clip: tuple[Path, CLIPVisionModel], caplog: pytest.LogCaptureFixture
+) -> None:
+    spec = _spec(image_size=56).with_overrides(WITHOUT_MAM)
+    with caplog.at_level(logging.WARNING, logger="owl2.model.owl2"):
+        model = build_from_llama_and_clip(llama[0], hf_clip[0], spec)
+    assert _layout_warnings(caplog) == []  # LLaMA's one copy is the layout itself: nothing converted
+    assert all(key.startswith("abstractor.") for key in model.load_report.missing)
+    ours = model.state_dict()
+    for part in MODALITY_PARTS:
+        assert torch.equal(ours[f"decoder.layers.1.{part}.weight"], llama[1][f"model.layers.1.{part}.weight"])
 
 
 # ---------------------------------------------------------------------------------------------- LLaMA + CLIP

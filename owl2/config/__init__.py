@@ -25,7 +25,7 @@ from owl2.config.experiment import (
     load_experiment,
 )
 from owl2.config.loading import build, load_yaml, merge, parse_overrides, to_dict
-from owl2.config.model import MODEL_PRESETS, AbstractorConfig, DecoderConfig, ModelConfig, VisionConfig
+from owl2.config.model import MODEL_PRESETS, PROJECTORS, AbstractorConfig, DecoderConfig, ModelConfig, VisionConfig
 from owl2.config.stage import (
     EVAL_SUITES,
     PRECISIONS,
@@ -47,6 +47,7 @@ __all__ = [
     "IMAGE_TOKEN_INDEX",
     "MODEL_PRESETS",
     "PRECISIONS",
+    "PROJECTORS",
     "RESIZE_MODES",
     "SCHEDULERS",
     "SEARCH_ALGORITHMS",

@@ -19,7 +19,10 @@ class ModelInitConfig:
     preset: str = "tiny-cpu"
     """Architecture preset (ignored when ``pretrained`` names a folder, which carries its own)."""
     overrides: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """Architecture overrides, e.g. ``{abstractor: {num_layers: 3}}`` (what sweeps change)."""
+    """Architecture overrides, e.g. ``{abstractor: {num_layers: 3}}`` (what sweeps change) or the ablation switches
+    ``{projector: mlp}``, ``{decoder: {modality_adaptive: false}}``. With ``pretrained`` they change the folder's
+    architecture, whose weights must still fit (a modality-adaptive checkpoint loads into a decoder without the
+    module: its text branch is kept)."""
     pretrained: str | None = None
     """An owl2 or official mPLUG-Owl2 folder (fine-tuning the released model)."""
     llama: str | None = None

@@ -5,8 +5,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from owl2.config.core import ConfigError, check, divides, positive
-from owl2.config.loading import build, merge, parse_overrides
+from owl2.config.core import ConfigError, check, divides, one_of, positive
+from owl2.config.loading import build, merge, parse_overrides, to_dict
+
+PROJECTORS = ("abstractor", "mlp")
+"""What turns the vision tokens into decoder tokens (``model.projector``)."""
 
 
 @dataclasses.dataclass
@@ -69,7 +72,7 @@ class AbstractorConfig:
 
 @dataclasses.dataclass
 class DecoderConfig:
-    """LLaMA-2 decoder with the modality-adaptive module (per-modality norms and K/V)."""
+    """LLaMA-2 decoder, by default with the modality-adaptive module (per-modality norms and K/V)."""
 
     vocab_size: int = 32000
     hidden_size: int = 4096
@@ -84,6 +87,12 @@ class DecoderConfig:
     bos_token_id: int = 1
     eos_token_id: int = 2
     initializer_range: float = 0.02
+    modality_adaptive: bool = True
+    """True: every layer has a text and a visual copy of its two norms and its K/V projections, each token uses
+    its modality's copy (mPLUG-Owl2's MAM). False: one copy for all tokens, a plain LLaMA layer (the ablation).
+    Weights of the other layout load with a log line: a MAM checkpoint keeps its text copies (the ones the
+    released LLaMA-2 weights started) and drops the visual ones; a checkpoint without the MAM fills both copies,
+    as a LLaMA-2 checkpoint does."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads"):
@@ -113,17 +122,40 @@ class ModelConfig:
     vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
     abstractor: AbstractorConfig = dataclasses.field(default_factory=AbstractorConfig)
     decoder: DecoderConfig = dataclasses.field(default_factory=DecoderConfig)
+    projector: str = "abstractor"
+    """``abstractor``: the visual abstractor (``abstractor.num_queries + 1`` decoder tokens per image). ``mlp``:
+    LLaVA-1.5's projector, ``Linear(vision, decoder) -> GELU -> Linear(decoder, decoder)`` on every patch token of
+    the ViT output (CLS dropped), one decoder token per patch; the ``abstractor`` section is then unused. Either
+    one sits in the model's ``abstractor`` slot: stage parts, LR scales and parameter groups named ``abstractor``
+    mean the projector in use."""
 
     def __post_init__(self) -> None:
+        one_of(self.projector, PROJECTORS, "model.projector")
         check(
-            self.abstractor.hidden_size == self.vision.hidden_size,
+            self.projector != "abstractor" or self.abstractor.hidden_size == self.vision.hidden_size,
             f"abstractor.hidden_size ({self.abstractor.hidden_size}) must equal vision.hidden_size "
             f"({self.vision.hidden_size}): the abstractor's keys are the vision tokens themselves",
         )
 
     @property
     def tokens_per_image(self) -> int:
+        """Decoder tokens one image becomes at the model's resolution (``vision.image_size``)."""
+        return self.tokens_per_image_at(self.vision.image_size)
+
+    def tokens_per_image_at(self, image_size: int) -> int:
+        """Decoder tokens one ``image_size`` px image becomes: the abstractor's fixed count at any resolution, or
+        with the MLP projector the patch count, ``(image_size // patch_size) ** 2``."""
+        if self.projector == "mlp":
+            return (image_size // self.vision.patch_size) ** 2
         return self.abstractor.tokens_per_image
+
+    def with_overrides(self, overrides: dict[str, Any] | list[str] | None) -> ModelConfig:
+        """This architecture with ``overrides`` applied, validated as a whole (itself when there are none)."""
+        if not overrides:
+            return self
+        if isinstance(overrides, list):
+            overrides = parse_overrides(overrides)
+        return build(ModelConfig, merge(to_dict(self), overrides), "model")
 
     @classmethod
     def from_preset(cls, name: str, overrides: dict[str, Any] | list[str] | None = None) -> ModelConfig:

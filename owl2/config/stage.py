@@ -109,8 +109,10 @@ class StageConfig:
     """The key this config's messages start with; ``build`` puts the stage's own (``stages.stage2``) in its place."""
 
     trainable: list[str] = dataclasses.field(default_factory=lambda: ["all"])
-    """Parts that train: ``all``, or any of ``vision``, ``abstractor``, ``decoder`` (embeddings and all
-    layers), ``decoder.visual`` (the visual copies of the modality-adaptive norms and K/V), ``lm_head``."""
+    """Parts that train: ``all``, or any of ``vision``, ``abstractor`` (the projector in use, see
+    ``model.projector``), ``decoder`` (embeddings and all layers, not the head), ``decoder.visual`` (the visual
+    copies of the modality-adaptive norms and K/V; none without the module), ``lm_head``. A frozen vision
+    encoder: ``[abstractor, decoder, lm_head]``."""
     image_size: int = 448
     """Resolution of this stage; the position embeddings are resampled when it differs from the model's."""
     data: DataConfig = dataclasses.field(default_factory=DataConfig)

@@ -12,7 +12,7 @@ import torch
 from owl2.config import AbstractorConfig, ModelConfig, VisionConfig
 from owl2.model.checkpoint_io import read_config, read_state_dict
 from owl2.model.foreign_config import check_llama_matches, decoder_config_from_llama
-from owl2.model.keymaps import LLAMA, Conversion, convert, convert_clip
+from owl2.model.keymaps import LLAMA, LLAMA_SHARED, Conversion, convert, convert_clip
 from owl2.model.owl2 import Owl2Config, Owl2ForCausalLM
 
 
@@ -23,11 +23,13 @@ def build_from_llama_and_clip(
     image_size: int | None = None,
     dtype: torch.dtype | None = None,
 ) -> Owl2ForCausalLM:
-    """A fresh Owl2 from a transformers LLaMA-2 folder and a CLIP vision tower; the abstractor is new.
+    """A fresh Owl2 from a transformers LLaMA-2 folder and a CLIP vision tower; the abstractor (or the MLP projector
+    of ``model.projector: mlp``) is new.
 
     Args:
         llama_dir: folder with ``config.json`` (model_type llama) and safetensors or ``.bin`` weights.
-            Its K/V projections and norms initialise both modality branches.
+            Its K/V projections and norms initialise both modality branches (or the one copy of a decoder
+            without the modality-adaptive module, ``decoder.modality_adaptive: false``).
         clip_path: a CLIP checkpoint file or folder in any ``CLIP_LAYOUTS`` naming (detected). The OpenAI
             TorchScript ``.pt`` archive must first be turned into a plain state dict (``torch.jit.load``
             then ``state_dict()``): archives are refused, like every pickle with more than tensors.
@@ -54,7 +56,7 @@ def build_from_llama_and_clip(
         if image_size is not None:
             spec = dataclasses.replace(spec, vision=dataclasses.replace(spec.vision, image_size=image_size))
 
-    decoder_part = convert(read_state_dict(llama_dir), LLAMA, spec)
+    decoder_part = convert(read_state_dict(llama_dir), LLAMA if spec.decoder.modality_adaptive else LLAMA_SHARED, spec)
     vision_part = convert_clip(read_state_dict(clip_path), spec)
     conversion = Conversion(
         state_dict={**decoder_part.state_dict, **vision_part.state_dict},

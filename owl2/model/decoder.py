@@ -12,6 +12,10 @@ matters (attention, the residual stream). The gathers use index tensors of a siz
 official code gathers with ``nonzero()``, a sync per module per forward). A batch known to be all
 text on the host (no images, or cached decoding where every new token is text) runs the text copy
 alone, without any gather.
+
+With ``decoder.modality_adaptive: false`` (the ablation) each layer has one copy of each norm and of K/V for all
+tokens, under LLaMA's own names (``input_layernorm.weight``, ``self_attn.k_proj.weight``): the layer is a plain
+LLaMA layer and the decoder routes nothing.
 """
 
 from __future__ import annotations
@@ -146,7 +150,7 @@ class Multiway(nn.Module):
         self.text = make()
         self.visual = make()
 
-    def forward(self, x: torch.Tensor, routing: Partition | None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, routing: Partition | None = None) -> torch.Tensor:
         """x ``[..., D]`` all text when ``routing`` is None, else ``[N, D]`` rows grouped by it (text rows first,
         see :class:`Partition` over the visual mask) -> the same rows through their own copies ``[..., D']``."""
         if routing is None:
@@ -155,8 +159,21 @@ class Multiway(nn.Module):
         return torch.cat([self.text(text), self.visual(visual)])
 
 
+def per_modality(config: DecoderConfig, make: Callable[[], nn.Module]) -> nn.Module:
+    """A :class:`Multiway` of ``make()`` with the modality-adaptive module, else one ``make()`` for every token."""
+    return Multiway(make) if config.modality_adaptive else make()
+
+
+def run_per_modality(module: nn.Module, rows: torch.Tensor, routing: Partition | None) -> torch.Tensor:
+    """Run a :func:`per_modality` part on rows grouped by ``routing``. Without a routing (all text, or no
+    modality-adaptive module: the decoder then builds none) every row takes the one path: the text copy of a
+    Multiway, or the shared module."""
+    return module(rows) if routing is None else module(rows, routing)
+
+
 class ModalityAdaptiveAttention(nn.Module):
-    """Causal self-attention with shared Q/O and per-modality K/V; grouped-query attention allowed."""
+    """Causal self-attention with shared Q/O and per-modality K/V (one K/V for all tokens without the
+    modality-adaptive module); grouped-query attention allowed."""
 
     def __init__(self, config: DecoderConfig, layer_idx: int) -> None:
         super().__init__()
@@ -166,8 +183,8 @@ class ModalityAdaptiveAttention(nn.Module):
         self.head_dim = config.head_dim
         kv_width = config.num_kv_heads * config.head_dim
         self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
-        self.k_proj = Multiway(lambda: nn.Linear(config.hidden_size, kv_width, bias=False))
-        self.v_proj = Multiway(lambda: nn.Linear(config.hidden_size, kv_width, bias=False))
+        self.k_proj = per_modality(config, lambda: nn.Linear(config.hidden_size, kv_width, bias=False))
+        self.v_proj = per_modality(config, lambda: nn.Linear(config.hidden_size, kv_width, bias=False))
         self.o_proj = nn.Linear(config.num_heads * config.head_dim, config.hidden_size, bias=False)
 
     def forward(
@@ -185,8 +202,10 @@ class ModalityAdaptiveAttention(nn.Module):
         sequence, so Q, K and V go back to sequence order.
         """
         q = ungroup(self.q_proj(normed), routing).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
-        k = ungroup(self.k_proj(normed, routing), routing).unflatten(-1, (self.num_kv_heads, self.head_dim))
-        v = ungroup(self.v_proj(normed, routing), routing).unflatten(-1, (self.num_kv_heads, self.head_dim))
+        k = ungroup(run_per_modality(self.k_proj, normed, routing), routing)
+        v = ungroup(run_per_modality(self.v_proj, normed, routing), routing)
+        k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
+        v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
         k, v = k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = position_embeddings
         q, k = apply_rotary_pos_emb(q, k, cos, sin)
@@ -202,9 +221,13 @@ class ModalityAdaptiveAttention(nn.Module):
 class DecoderLayer(GradientCheckpointingLayer):
     def __init__(self, config: DecoderConfig, llama: LlamaConfig, layer_idx: int) -> None:
         super().__init__()
-        self.input_layernorm = Multiway(lambda: LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps))
+
+        def norm() -> LlamaRMSNorm:
+            return LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+        self.input_layernorm = per_modality(config, norm)
         self.self_attn = ModalityAdaptiveAttention(config, layer_idx)
-        self.post_attention_layernorm = Multiway(lambda: LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps))
+        self.post_attention_layernorm = per_modality(config, norm)
         self.mlp = LlamaMLP(llama)
 
     def forward(
@@ -221,9 +244,9 @@ class DecoderLayer(GradientCheckpointingLayer):
         The per-token parts (both norms, the projections, the MLP) run on the grouped rows; the residual stream
         stays in sequence order.
         """
-        normed = self.input_layernorm(group(hidden_states, routing), routing)
+        normed = run_per_modality(self.input_layernorm, group(hidden_states, routing), routing)
         hidden_states = hidden_states + self.self_attn(normed, position_embeddings, attention_mask, routing, cache)
-        normed = self.post_attention_layernorm(group(hidden_states, routing), routing)
+        normed = run_per_modality(self.post_attention_layernorm, group(hidden_states, routing), routing)
         return hidden_states + ungroup(self.mlp(normed), routing)
 
 
@@ -253,10 +276,11 @@ def positions_from_mask(padding_mask: torch.Tensor, query_length: int) -> torch.
 
 
 class Decoder(nn.Module):
-    """Embeddings, MAM decoder layers and the final norm (the LM head lives on the causal LM)."""
+    """Embeddings, MAM decoder layers (or plain LLaMA ones) and the final norm (the LM head lives on the causal LM)."""
 
     def __init__(self, config: DecoderConfig) -> None:
         super().__init__()
+        self.modality_adaptive = config.modality_adaptive
         llama = llama_config(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
         self.layers = nn.ModuleList(DecoderLayer(config, llama, i) for i in range(config.num_layers))
@@ -278,7 +302,8 @@ class Decoder(nn.Module):
         Args:
             inputs_embeds: ``[B, Q, D]`` embeddings of the new tokens.
             attention_mask: ``[B, S]`` with S = cached + Q tokens, 1 = real, 0 = padding (None: all real).
-            visual_mask: ``[B, Q]`` bool, True for image tokens (None: all text).
+            visual_mask: ``[B, Q]`` bool, True for image tokens (None: all text); without the modality-adaptive
+                module every token takes the same path and the mask is not used.
             position_ids: ``[B, Q]`` (None: counted from the mask, pads excluded).
             cache: a transformers ``Cache`` updated in place.
             output_hidden_states: return the input of every layer and the final normed output.
@@ -296,7 +321,9 @@ class Decoder(nn.Module):
             position_ids = positions_from_mask(attention_mask, length)
         mask = causal_padding_mask(attention_mask, length)
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
-        routing = None if visual_mask is None else Partition.of(visual_mask, visual_tokens)
+        routing = None
+        if visual_mask is not None and self.modality_adaptive:
+            routing = Partition.of(visual_mask, visual_tokens)
 
         hidden_states = inputs_embeds
         collected = []

@@ -6,9 +6,11 @@ no row matches is *unexpected*; a row with no target drops a key on purpose (buf
 recomputes).
 
 Tables: ``OFFICIAL`` (the released mPLUG-Owl2 checkpoint), ``LLAMA`` (a transformers LLaMA-2 folder:
-K/V and norms are copied into both modality branches), and one table per CLIP ViT naming in
-``CLIP_LAYOUTS`` (OpenAI/OpenCLIP, timm, transformers) for the vision encoder. A ``{rest}`` placeholder
-matches any suffix; it is only used to drop whole sub-trees on purpose (CLIP's text tower).
+K/V and norms are copied into both modality branches; ``LLAMA_SHARED`` for a decoder without them),
+``MAM_TO_SHARED`` and ``SHARED_TO_MAM`` (owl2 weights into the other decoder layout, see
+``DecoderConfig.modality_adaptive``), and one table per CLIP ViT naming in ``CLIP_LAYOUTS``
+(OpenAI/OpenCLIP, timm, transformers) for the vision encoder. A ``{rest}`` placeholder matches any suffix:
+it drops whole sub-trees on purpose (CLIP's text tower) or keeps every key no other row names.
 """
 
 from __future__ import annotations
@@ -141,29 +143,39 @@ OFFICIAL: tuple[Rule, ...] = _SHARED_DECODER + (
     ),
 )
 
-LLAMA: tuple[Rule, ...] = _SHARED_DECODER + (
-    # One LLaMA projection/norm initialises both modality copies.
-    _rule(
-        "model.layers.{i}.self_attn.k_proj.weight",
-        "decoder.layers.{i}.self_attn.k_proj.text.weight",
-        "decoder.layers.{i}.self_attn.k_proj.visual.weight",
-    ),
-    _rule(
-        "model.layers.{i}.self_attn.v_proj.weight",
-        "decoder.layers.{i}.self_attn.v_proj.text.weight",
-        "decoder.layers.{i}.self_attn.v_proj.visual.weight",
-    ),
-    _rule(
-        "model.layers.{i}.input_layernorm.weight",
-        "decoder.layers.{i}.input_layernorm.text.weight",
-        "decoder.layers.{i}.input_layernorm.visual.weight",
-    ),
-    _rule(
-        "model.layers.{i}.post_attention_layernorm.weight",
-        "decoder.layers.{i}.post_attention_layernorm.text.weight",
-        "decoder.layers.{i}.post_attention_layernorm.visual.weight",
-    ),
+# The parts that the modality-adaptive module (MAM) duplicates, by their path in a decoder layer.
+_MODALITY_PARTS = ("self_attn.k_proj", "self_attn.v_proj", "input_layernorm", "post_attention_layernorm")
+_BRANCHES = ("text", "visual")
+
+# One LLaMA projection/norm initialises both modality copies.
+LLAMA: tuple[Rule, ...] = _SHARED_DECODER + tuple(
+    _rule(f"model.layers.{{i}}.{part}.weight", *(f"decoder.layers.{{i}}.{part}.{b}.weight" for b in _BRANCHES))
+    for part in _MODALITY_PARTS
 )
+
+# LLaMA into a decoder without the MAM (``decoder.modality_adaptive: false``): the same names, one copy.
+LLAMA_SHARED: tuple[Rule, ...] = _SHARED_DECODER + tuple(
+    _rule(f"model.layers.{{i}}.{part}.weight", f"decoder.layers.{{i}}.{part}.weight") for part in _MODALITY_PARTS
+)
+
+# ------------------------------------------------------------------------------------------ with or without the MAM
+# owl2 weights of one decoder layout -> the other; every other key stays as it is.
+_UNCHANGED = _rule("{rest}", "{rest}")
+
+MAM_TO_SHARED: tuple[Rule, ...] = tuple(
+    row
+    for part in _MODALITY_PARTS
+    for row in (
+        # The text copies are the ones the released LLaMA-2 weights started (the visual ones learned images).
+        _rule(f"decoder.layers.{{i}}.{part}.text.weight", f"decoder.layers.{{i}}.{part}.weight"),
+        _rule(f"decoder.layers.{{i}}.{part}.visual.weight"),
+    )
+) + (_UNCHANGED,)
+
+SHARED_TO_MAM: tuple[Rule, ...] = tuple(
+    _rule(f"decoder.layers.{{i}}.{part}.weight", *(f"decoder.layers.{{i}}.{part}.{b}.weight" for b in _BRANCHES))
+    for part in _MODALITY_PARTS
+) + (_UNCHANGED,)
 
 # ------------------------------------------------------------------------------------------------ CLIP
 # CLIP ViT-L/14 (224 px: 257 position rows = CLS + 16x16) -> owl2's vision encoder. Weights are copied
@@ -377,3 +389,31 @@ def convert_clip(state_dict: dict[str, torch.Tensor], spec: ModelConfig, layout:
     if layout not in CLIP_LAYOUTS:
         raise ValueError(f"unknown CLIP layout {layout!r}; choose one of {sorted(CLIP_LAYOUTS)}")
     return fuse_qkv_parts(convert(state_dict, CLIP_LAYOUTS[layout], spec))
+
+
+# ------------------------------------------------------------------------------------------ decoder layouts
+_MODALITY_COPY = re.compile(r"decoder\.layers\.\d+\.self_attn\.k_proj\.(text|visual)\.weight$")
+_SINGLE_COPY = re.compile(r"decoder\.layers\.\d+\.self_attn\.k_proj\.weight$")
+
+
+def has_modality_copies(state_dict: dict[str, torch.Tensor]) -> bool | None:
+    """Whether owl2-named weights come from a decoder with the MAM (True) or without (False); None: no K/V."""
+    if any(_MODALITY_COPY.match(key) for key in state_dict):
+        return True
+    if any(_SINGLE_COPY.match(key) for key in state_dict):
+        return False
+    return None
+
+
+def match_modality_layout(conversion: Conversion, spec: ModelConfig) -> Conversion:
+    """``conversion`` (owl2 names) in the decoder layout of ``spec``, through ``MAM_TO_SHARED`` (the text copies
+    kept, the visual ones dropped) or ``SHARED_TO_MAM`` (both copies from the one); itself when it already is."""
+    found = has_modality_copies(conversion.state_dict)
+    if found is None or found == spec.decoder.modality_adaptive:
+        return conversion
+    rules = SHARED_TO_MAM if spec.decoder.modality_adaptive else MAM_TO_SHARED
+    result = convert(conversion.state_dict, rules, spec)
+    result.sources = {key: conversion.sources.get(source, source) for key, source in result.sources.items()}
+    result.dropped = conversion.dropped + result.dropped
+    result.unexpected = conversion.unexpected + result.unexpected
+    return result

@@ -1,14 +1,19 @@
 """``Owl2ForCausalLM``: vision encoder -> visual abstractor -> modality-adaptive LLaMA decoder.
 
+Two switches turn it into the ablations: ``model.projector: mlp`` puts LLaVA-1.5's MLP projector in the
+abstractor's place, and ``decoder.modality_adaptive: false`` makes the decoder a plain LLaMA.
+
 Images enter the token sequence through placeholders: every ``-200`` in ``input_ids`` is replaced by
-that image's ``num_queries + 1`` abstractor tokens, images being consumed in batch order, then
-placeholder order. Logits, labels and masks all refer to this expanded sequence, as in the official
-model. Unlike the official model, rows without images need no dummy image, labels are optional, and
-a left-padded batch gives each row exactly the result it gets alone.
+that image's ``tokens_per_image`` tokens (the abstractor's ``num_queries + 1``, or the MLP projector's
+one per patch), images being consumed in batch order, then placeholder order. Logits, labels and masks
+all refer to this expanded sequence, as in the official model. Unlike the official model, rows without
+images need no dummy image, labels are optional, and a left-padded batch gives each row exactly the
+result it gets alone.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,8 +31,11 @@ from owl2.model.abstractor import VisualAbstractor
 from owl2.model.checkpoint_io import LoadReport, load_into, read_config, read_state_dict
 from owl2.model.decoder import Decoder, Multiway, Partition, llama_config
 from owl2.model.foreign_config import model_config_from_official
-from owl2.model.keymaps import OFFICIAL, Conversion, convert
+from owl2.model.keymaps import OFFICIAL, Conversion, convert, match_modality_layout
+from owl2.model.projector import MlpProjector
 from owl2.model.vision import VisionEncoder
+
+logger = logging.getLogger(__name__)
 
 
 class Owl2Config(PretrainedConfig):
@@ -38,6 +46,7 @@ class Owl2Config(PretrainedConfig):
     vision: dict | None = None
     abstractor: dict | None = None
     decoder: dict | None = None
+    projector: str = "abstractor"
     tie_word_embeddings: bool = False
     use_cache: bool = True
 
@@ -49,18 +58,16 @@ class Owl2Config(PretrainedConfig):
             to_dict(spec.abstractor),
             to_dict(spec.decoder),
         )
+        self.projector = spec.projector
 
     @classmethod
     def from_spec(cls, spec: ModelConfig, **kwargs: Any) -> Owl2Config:
-        return cls(
-            vision=to_dict(spec.vision), abstractor=to_dict(spec.abstractor), decoder=to_dict(spec.decoder), **kwargs
-        )
+        return cls(**to_dict(spec), **kwargs)
 
     @property
     def spec(self) -> ModelConfig:
-        return build(
-            ModelConfig, {"vision": self.vision, "abstractor": self.abstractor, "decoder": self.decoder}, "model"
-        )
+        sections = {"vision": self.vision, "abstractor": self.abstractor, "decoder": self.decoder}
+        return build(ModelConfig, {**sections, "projector": self.projector}, "model")
 
     @property
     def initializer_range(self) -> float:
@@ -181,6 +188,27 @@ def count_labels(input_ids: torch.Tensor, labels: torch.Tensor) -> list[int]:
     return kept.sum(dim=1).tolist()
 
 
+def _match_decoder_layout(conversion: Conversion, spec: ModelConfig, source: str) -> Conversion:
+    """``conversion`` in the decoder layout of ``spec``, with one warning line when it had the other one."""
+    matched = match_modality_layout(conversion, spec)
+    if matched is conversion:
+        return conversion
+    if spec.decoder.modality_adaptive:
+        logger.warning(
+            "%s has one norm pair and K/V per decoder layer: both modality branches of the modality-adaptive "
+            "decoder start from them, as from LLaMA-2",
+            source,
+        )
+    else:
+        logger.warning(
+            "decoder.modality_adaptive is false: %s keeps the text branch of its modality-adaptive norms and K/V "
+            "(the one the LLaMA-2 weights started) and drops the %d visual copies",
+            source,
+            len(matched.dropped) - len(conversion.dropped),
+        )
+    return matched
+
+
 class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
     """mPLUG-Owl2: ``forward(input_ids, attention_mask, images, labels)`` with ``-200`` image placeholders."""
 
@@ -196,7 +224,13 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
         super().__init__(config)
         spec = config.spec
         self.vision = VisionEncoder(spec.vision)
-        self.abstractor = VisualAbstractor(spec.abstractor, spec.vision.grid_size, spec.decoder.hidden_size)
+        # The projector slot keeps the abstractor's name whichever projector fills it: stage parts, LR scales and
+        # parameter groups called ``abstractor`` then mean the projector in use.
+        self.abstractor: VisualAbstractor | MlpProjector = (
+            MlpProjector(spec.vision.hidden_size, spec.decoder.hidden_size)
+            if spec.projector == "mlp"
+            else VisualAbstractor(spec.abstractor, spec.vision.grid_size, spec.decoder.hidden_size)
+        )
         self.decoder = Decoder(spec.decoder)
         self.lm_head = nn.Linear(spec.decoder.hidden_size, spec.decoder.vocab_size, bias=False)
         self.post_init()
@@ -222,6 +256,7 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
         dtype: torch.dtype | None = None,
         device: str | torch.device = "cpu",
         strict: bool = True,
+        overrides: dict[str, Any] | list[str] | None = None,
     ) -> Owl2ForCausalLM:
         """Load a folder in the official mPLUG-Owl2 format or one written by ``save_pretrained``.
 
@@ -229,13 +264,18 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
         safetensors or sharded ``.bin`` files are both read (``.bin`` with ``weights_only=True``).
         ``strict`` raises if any model weight is missing or any checkpoint key is unknown; otherwise
         missing weights keep a fresh initialisation. The report is kept as ``model.load_report``.
+        ``overrides`` change the folder's architecture (``["decoder.modality_adaptive=false"]``); the weights
+        must still fit it, except for the decoder's layout (see :meth:`from_state_dict`).
         """
         config = read_config(path)
         if config.get("model_type") == "mplug_owl2":
-            owl2_config = Owl2Config.from_spec(model_config_from_official(config))
-            conversion = convert(read_state_dict(path), OFFICIAL, owl2_config.spec)
+            spec = model_config_from_official(config).with_overrides(overrides)
+            owl2_config = Owl2Config.from_spec(spec)
+            conversion = convert(read_state_dict(path), OFFICIAL, spec)
         elif config.get("model_type") == Owl2Config.model_type:
             owl2_config = Owl2Config.from_dict(config)
+            if overrides:
+                owl2_config = Owl2Config.from_dict({**config, **to_dict(owl2_config.spec.with_overrides(overrides))})
             conversion = Conversion(state_dict=read_state_dict(path))
         else:
             raise ConfigError(
@@ -267,7 +307,13 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
             fresh: key prefixes that are new on purpose (e.g. ``("abstractor.",)`` when starting from
                 LLaMA-2 and CLIP): they are initialised, may be missing even when strict, and are logged
                 as new rather than missing.
+
+        Decoder weights of the other layout are converted with a warning (``keymaps.match_modality_layout``):
+        into a decoder without the modality-adaptive module a MAM checkpoint gives its text copies of the norms and
+        K/V (the branch the released LLaMA-2 weights started; the visual copies are dropped), and into a MAM decoder
+        one copy fills both branches, as LLaMA-2 weights do.
         """
+        conversion = _match_decoder_layout(conversion, config.spec, source)
         with torch.device("meta"):
             model = cls(config)
         if dtype is not None:
@@ -301,7 +347,8 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
         inv_freq, _ = rotary.compute_default_rope_parameters(rotary.config)
         rotary.inv_freq = inv_freq.to(self.device)
         rotary.original_inv_freq = inv_freq.clone().to(self.device)
-        self.abstractor.reset_position_tables()
+        if isinstance(self.abstractor, VisualAbstractor):
+            self.abstractor.reset_position_tables()
 
     def get_input_embeddings(self) -> nn.Embedding:
         return self.decoder.embed_tokens
@@ -315,13 +362,15 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
     def set_image_size(self, image_size: int) -> None:
         """Change the input resolution (e.g. 224 -> 448 between stages), resampling position embeddings."""
         self.vision.set_image_size(image_size)
-        self.abstractor.set_grid_size(self.vision.patch_embed.grid_size[0])
+        if isinstance(self.abstractor, VisualAbstractor):
+            self.abstractor.set_grid_size(self.vision.patch_embed.grid_size[0])
         self.config.vision = {**self.config.vision, "image_size": image_size}
 
     # ---------------------------------------------------------------------------------------- forward
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
-        """``[N, 3, H, W]`` pixels -> ``[N, num_queries + 1, decoder_width]`` decoder tokens."""
+        """``[N, 3, H, W]`` pixels -> ``[N, tokens_per_image, decoder_width]`` decoder tokens (the abstractor's
+        ``num_queries + 1``, or the MLP projector's ``(H // patch_size) ** 2``)."""
         image_features, _ = self.vision(images)
         return self.abstractor(image_features)
 
@@ -485,12 +534,14 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
         vision_params = {name for name, _ in self.vision.named_parameters()}
         # timm's list also names tokens this ViT does not have (reg_token, dist_token).
         names |= {f"vision.{name}" for name in self.vision.no_weight_decay() & vision_params}
-        names |= {"abstractor.queries", "abstractor.eos"}
+        if isinstance(self.abstractor, VisualAbstractor):
+            names |= {"abstractor.queries", "abstractor.eos"}
         return names
 
     def visual_branch_parameter_names(self) -> set[str]:
         """Full names of the decoder's visual-branch parameters: the visual copies of the modality-adaptive
-        norms and K/V projections, which a stage trains alone as ``decoder.visual`` (the paper's stage 1)."""
+        norms and K/V projections, which a stage trains alone as ``decoder.visual`` (the paper's stage 1). None
+        without the modality-adaptive module: ``decoder.visual`` then trains nothing in the decoder."""
         return {
             f"decoder.{module_name}.visual.{name}"
             for module_name, module in self.decoder.named_modules()

@@ -19,7 +19,8 @@ Two totals:
   checkpointing re-runs the forward of every checkpointed layer that gradients pass through (decoder layers,
   vision blocks, abstractor layers), up to the layer's last projection: PyTorch's non-reentrant checkpoint stops
   recomputing once the last saved tensor is back, and the final matmul (the MLP's down projection) saves nothing
-  its own backward lacks.
+  its own backward lacks. A modality-adaptive decoder layer given image tokens is the exception: the gather that
+  puts the MLP's rows back in sequence order saves its index, so the down projection is recomputed too.
 
 Padding is not counted: a batch's figures are the sums over its rows' real tokens.
 """
@@ -55,17 +56,21 @@ class Trainable:
     decoder: bool
     """The decoder's shared weights: embeddings, Q/O, the text K/V and norms, the MLPs, the final norm."""
     visual: bool
-    """The decoder's visual copies (modality-adaptive norms and K/V)."""
+    """The weights the image tokens' norms and K/V use: the decoder's visual copies (modality-adaptive norms and
+    K/V), or without the modality-adaptive module the shared ones."""
     lm_head: bool
 
     @classmethod
-    def from_parts(cls, parts: Sequence[str]) -> Trainable:
+    def from_parts(cls, parts: Sequence[str], modality_adaptive: bool = True) -> Trainable:
+        """``parts`` of a stage (``decoder.visual`` selects nothing in a decoder without the modality-adaptive
+        module: it has no visual copies)."""
         every = "all" in parts
+        decoder = every or "decoder" in parts
         return cls(
             vision=every or "vision" in parts,
             abstractor=every or "abstractor" in parts,
-            decoder=every or "decoder" in parts,
-            visual=every or "decoder" in parts or "decoder.visual" in parts,
+            decoder=decoder,
+            visual=decoder or ("decoder.visual" in parts and modality_adaptive),
             lm_head=every or "lm_head" in parts,
         )
 
@@ -87,6 +92,9 @@ def _attention(forward: float, grads: bool) -> float:
 class FlopModel:
     """The FLOP rule for one stage, built once: ``sample`` and ``batch`` are host arithmetic only.
 
+    Both ablation switches are followed: the MLP projector (``model.projector: mlp``, one decoder token per patch)
+    and a decoder without the modality-adaptive module (every token through the one K/V, trained with the rest).
+
     Args:
         spec: the architecture.
         trainable: the stage's ``trainable`` parts.
@@ -98,11 +106,11 @@ class FlopModel:
         self, spec: ModelConfig, trainable: Sequence[str], image_size: int, activation_checkpointing: bool = False
     ) -> None:
         self.spec = spec
-        self.trainable = Trainable.from_parts(trainable)
+        self.trainable = Trainable.from_parts(trainable, spec.decoder.modality_adaptive)
         self.image_size = image_size
         self.checkpointing = activation_checkpointing
-        self.tokens_per_image = spec.tokens_per_image
-        self._image = self._vision() + self._abstractor()
+        self.tokens_per_image = spec.tokens_per_image_at(image_size)
+        self._image = self._vision() + (self._mlp_projector() if spec.projector == "mlp" else self._abstractor())
 
     def sample(self, text_tokens: int, images: int) -> Flops:
         """One training row: ``text_tokens`` real non-image tokens and ``images`` images (each one becomes
@@ -158,6 +166,15 @@ class FlopModel:
         total = config.num_layers * layer + projection
         return Flops(total, total + config.num_layers * recompute)
 
+    def _mlp_projector(self) -> Flops:
+        """One image through the MLP projector: two linears on each patch token (not checkpointed). Its first
+        linear's input gradient is needed only when the ViT trains; the second's when anything before it does."""
+        trains, vision = self.trainable.abstractor, self.trainable.vision
+        patches, width = self.tokens_per_image, self.spec.decoder.hidden_size
+        first = _weighted(2 * patches * self.spec.vision.hidden_size * width, vision, trains)
+        second = _weighted(2 * patches * width * width, trains or vision, trains)
+        return Flops(first + second, first + second)
+
     def _decoder(self, text: int, images: int, any_images: bool, labelled: int | None) -> Flops:
         """One row through the decoder layers and the LM head; ``any_images``: the batch holds images (then
         gradients may flow through the decoder to the image towers); ``labelled``: the LM head's rows as run
@@ -179,7 +196,10 @@ class FlopModel:
         hardware_layer = shared + kv + _attention(square_forward, grads)
         recompute = 0.0
         if self.checkpointing and grads:
-            down = 2 * length * config.intermediate_size * width  # not recomputed
+            # The down projection is not recomputed, unless its output must be put back in sequence order (a
+            # routed batch): that gather saves its index, so the recomputation runs through the projection.
+            routed = config.modality_adaptive and any_images
+            down = 0 if routed else 2 * length * config.intermediate_size * width
             recompute = shared_forward + square_forward + length * kv_forward - down
         head = _weighted(2 * width * config.vocab_size, grads, trains.lm_head)
         executed_head = head * (length if labelled is None else labelled)

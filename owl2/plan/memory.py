@@ -129,7 +129,9 @@ def activation_bytes(spec: ModelConfig, trainable: Trainable, work: Workload) ->
     per_token = LOGIT_BYTES * spec.decoder.vocab_size + _decoder_tail(spec, trainable, work)
     other = work.micro_batch * work.length * per_token
     if images:
-        stacks += [_vision_stack(spec, trainable, work, vision_tokens), _abstractor_stack(spec, trainable, work)]
+        stacks.append(_vision_stack(spec, trainable, work, vision_tokens))
+        if spec.projector == "abstractor":
+            stacks.append(_abstractor_stack(spec, trainable, work))
         other += images * _image_tail(spec, trainable, work, vision_tokens)
     working = max(stack.working for stack in stacks)
     if not work.checkpointing:
@@ -145,7 +147,7 @@ def _decoder_stack(spec: ModelConfig, trainable: Trainable, work: Workload) -> _
     if not trainable.decoder_grads(images):
         return _Stack(config.num_layers, 0.0, 0.0)
     residual32 = not work.bf16 or trainable.decoder  # fp32 embeddings (masters) make the residual stream fp32
-    visual_share = min(1.0, work.images_per_row * spec.tokens_per_image / work.length)
+    visual_share = min(1.0, work.images_per_row * spec.tokens_per_image_at(work.image_size) / work.length)
     per_token = _decoder_layer(spec, trainable, visual_share, 2 if work.bf16 else 4, residual32)
     mask_bias = work.micro_batch * work.length**2 * (2 if work.bf16 else 4)
     residual = tokens * config.hidden_size * (4 if residual32 else 2)
@@ -236,10 +238,24 @@ def _abstractor_layer(spec: ModelConfig, trainable: Trainable, work: Workload) -
 
 
 def _image_tail(spec: ModelConfig, trainable: Trainable, work: Workload, tokens: int) -> float:
-    """Per image outside the layer stacks: the vision output that every abstractor layer's norm reads (fp32),
-    and with a trainable ViT the pixels (the patch convolution's input), the pre-norm's and final norm's inputs."""
+    """Per image outside the layer stacks: the vision output that every abstractor layer's norm reads (fp32) or
+    the MLP projector's saved tensors, and with a trainable ViT the pixels (the patch convolution's input), the
+    pre-norm's and final norm's inputs."""
     width = spec.vision.hidden_size
-    tail = 4 * tokens * width if (trainable.abstractor or trainable.vision) else 0.0
+    grads = trainable.abstractor or trainable.vision
+    if spec.projector == "mlp":
+        tail = _mlp_projector(spec, trainable, work) if grads else 0.0
+    else:
+        tail = 4 * tokens * width if grads else 0.0
     if trainable.vision:
         tail += (2 if work.bf16 else 4) * 3 * work.image_size**2 + 2 * 4 * tokens * width
     return tail
+
+
+def _mlp_projector(spec: ModelConfig, trainable: Trainable, work: Workload) -> float:
+    """Saved bytes per image of the MLP projector (gradients pass through it), in the compute dtype: the GELU's
+    input, and when the projector trains the inputs of both linears (the patch tokens, the GELU's output)."""
+    patches = spec.tokens_per_image_at(work.image_size)
+    vision_width, width = spec.vision.hidden_size, spec.decoder.hidden_size
+    saved = width + (vision_width + width if trainable.abstractor else 0)
+    return (2 if work.bf16 else 4) * patches * saved

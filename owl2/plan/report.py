@@ -146,12 +146,14 @@ def plan_stage(
     ``data.max_length`` row, ``max_length - tokens_per_image`` text tokens), the micro-batch is that many rows."""
     stage = experiment.stages[name]
     spec = ModelConfig.from_preset(experiment.model.preset, experiment.model.overrides)
-    text = stage.data.max_length - spec.tokens_per_image if text_tokens is None else text_tokens
+    per_image = spec.tokens_per_image_at(stage.image_size)
+    text = stage.data.max_length - per_image if text_tokens is None else text_tokens
     if text < 0:
         raise ConfigError(f"--text-tokens must be >= 0, got {text}")
     parameters = stage_parameters(spec, stage.trainable, stage.image_size)
-    work = _workload(experiment, stage, text + spec.tokens_per_image)
-    memory = estimate_memory(spec, Trainable.from_parts(stage.trainable), parameters.layout, work)
+    work = _workload(experiment, stage, text + per_image)
+    trainable = Trainable.from_parts(stage.trainable, spec.decoder.modality_adaptive)
+    memory = estimate_memory(spec, trainable, parameters.layout, work)
     flops = FlopModel(spec, stage.trainable, stage.image_size, stage.activation_checkpointing).sample(text, 1)
     gpu, gpu_memory_gib = _gpu_memory(experiment, gpu, gpu_memory_gib)
     return StagePlan(name, parameters, work, memory, gpu, gpu_memory_gib, text, flops.model, flops.hardware)

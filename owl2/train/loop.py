@@ -68,7 +68,7 @@ def initial_model(init: ModelInitConfig, seed: int) -> Any:
     from owl2.model.build import build_from_llama_and_clip
 
     if init.pretrained:
-        return Owl2ForCausalLM.from_pretrained(init.pretrained)
+        return Owl2ForCausalLM.from_pretrained(init.pretrained, overrides=init.overrides)
     spec = ModelConfig.from_preset(init.preset, init.overrides)
     if init.llama:
         return build_from_llama_and_clip(init.llama, init.clip, spec=spec)

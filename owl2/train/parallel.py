@@ -85,12 +85,13 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def layer_stacks(model: nn.Module) -> dict[str, nn.ModuleList | nn.Sequential]:
-    """The repeated layers of the three towers, by their path in the model."""
-    return {
-        "vision.blocks": model.vision.blocks,
-        "abstractor.layers": model.abstractor.layers,
-        "decoder.layers": model.decoder.layers,
-    }
+    """The repeated layers of the three towers, by their path in the model. The MLP projector (``model.projector:
+    mlp``) has no layers: it stays with the root."""
+    stacks = {"vision.blocks": model.vision.blocks}
+    if hasattr(model.abstractor, "layers"):  # asked, not imported: this module imports no model code
+        stacks["abstractor.layers"] = model.abstractor.layers
+    stacks["decoder.layers"] = model.decoder.layers
+    return stacks
 
 
 def shard_plan(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -113,7 +114,7 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
 
     model.activation_checkpointing_enable()
     model.vision.set_grad_checkpointing(True)
-    for layer in model.abstractor.layers:
+    for layer in layer_stacks(model).get("abstractor.layers", []):
         checkpoint(layer)
 
 
