@@ -37,7 +37,7 @@ from torch import nn
 from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRotaryEmbedding
 
 from owl2.config import ConfigError, DecoderConfig
-from owl2.model.decoder import DecoderLayer, Multiway, Partition, causal_padding_mask, llama_config
+from owl2.model.decoder import Attention, DecoderLayer, Multiway, Partition, llama_config
 
 VISUAL_SHARE = 65 / 512
 """A stage-2 sample: one 7B image (64 queries + end-of-image) among about 512 tokens."""
@@ -93,7 +93,7 @@ class WhereRouted(nn.Module):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor,
+        attention: Attention,
         routing: Partition | None,
         cache: Any = None,
     ) -> torch.Tensor:
@@ -101,7 +101,7 @@ class WhereRouted(nn.Module):
         unrouted = None
         if routing is not None:
             unrouted = Unrouted((routing.position >= routing.sizes[0]).view(routing.shape))
-        return self.layer(hidden_states, position_embeddings, attention_mask, unrouted, cache)
+        return self.layer(hidden_states, position_embeddings, attention, unrouted, cache)
 
 
 # ------------------------------------------------------------------------------------------ timing
@@ -121,7 +121,7 @@ def _stacks(
     grad = torch.randn_like(x)
     positions = torch.arange(tokens, device=device)[None]
     rotary = LlamaRotaryEmbedding(llama).to(device)(x, positions)
-    mask = causal_padding_mask(torch.ones(1, tokens, dtype=torch.long, device=device), tokens)
+    causal = Attention()  # one whole row: causal without a mask, as the decoder runs it and as LLaMA's SDPA does
     visual_mask = (positions >= 1) & (positions < 1 + visual_tokens)
 
     def owl2_step(stack: nn.ModuleList) -> Callable[[], None]:
@@ -129,7 +129,7 @@ def _stacks(
             routing = Partition.of(visual_mask, visual_tokens)  # built once per forward, as the decoder does
             hidden = x
             for layer in stack:
-                hidden = layer(hidden, rotary, mask, routing)
+                hidden = layer(hidden, rotary, causal, routing)
             hidden.backward(grad)
 
         return step

@@ -68,6 +68,10 @@ class DataConfig:
     """Conversation template for chat samples (captions always use the plain image-then-caption form)."""
     max_length: int = 2048
     """Longest sequence in decoder tokens, each image counting as its num_queries + 1 tokens."""
+    packing: bool = False
+    """Pack each micro-batch's samples into rows of up to ``max_length`` decoder tokens, in their order, each
+    sample attending only to itself with its own positions: less padding, the same losses and gradients.
+    Off: one sample a row, padded to the batch's longest."""
     image_size: int = 448
     resize: str = "stretch"
     """``stretch`` to a square (the official evaluation), ``pad`` to a square with the mean colour (the
@@ -91,6 +95,7 @@ class DataConfig:
         one_of(self.template, TEMPLATE_NAMES, "data.template")
         one_of(self.resize, RESIZE_MODES, "data.resize")
         positive(self.max_length, "data.max_length")
+        check(isinstance(self.packing, bool), f"data.packing must be true or false, got {self.packing!r}")
         positive(self.image_size, "data.image_size")
         positive(self.max_image_pixels, "data.max_image_pixels")
         positive(self.max_image_bytes, "data.max_image_bytes")

@@ -1,8 +1,9 @@
 """The consumer side of the pipeline, in the training process: padded :class:`Batch` es of good rows.
 
 :func:`iterate` turns a worker's Ray Data stream (``pipeline.encoded``) into batches: the :class:`Collator`
-drops and counts bad rows and pads the rest to the longest row; :meth:`Batch.to` moves a batch to the device
-and normalises its pixels there. Kept apart from ``pipeline.py`` because this side needs torch, and the Ray
+drops and counts bad rows, packs the rest into rows with ``data.packing`` (in order, within the batch) and
+right-pads the rows to the longest; :meth:`Batch.to` moves a batch to the device and normalises its pixels
+there. Kept apart from ``pipeline.py`` because this side needs torch, and the Ray
 Data workers that run the pipeline's steps then do not import it (seconds per fresh worker process).
 """
 
@@ -17,25 +18,40 @@ import ray.data
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from owl2.config import IGNORE_INDEX
+from owl2.config import IGNORE_INDEX, DataConfig
 from owl2.data import images as image_ops
+from owl2.data.packing import rows_of
 from owl2.data.pipeline import EPOCH, ORDER_KEY
 from owl2.data.sample import SkipStats
+from owl2.model.layout import RowLayout
 
 
 @dataclass
 class Batch:
-    """A padded training batch (right padding), plus what the model needs to route without device syncs."""
+    """A padded training batch (right padding), plus what the model needs to route without device syncs.
+
+    A row holds one sample, or with packing several whole samples one after another; ``ids`` and the images
+    follow the samples' order either way.
+    """
 
     input_ids: torch.Tensor  # [B, L] long
     attention_mask: torch.Tensor  # [B, L] long
     labels: torch.Tensor  # [B, L] long, -100 ignored
     images: torch.Tensor  # [N, 3, S, S] uint8, batch order then placeholder order
     image_counts: list[int]  # images per row, on the host
-    ids: list[str]
+    ids: list[str]  # one per sample
     epoch: int  # epoch and order key of the last row (good or bad) of this batch: the resume position
     last_key: int
     skips: SkipStats = field(default_factory=SkipStats)
+    layout: RowLayout | None = None
+    """Each row's samples (tokens and images); None: one sample a row, read from the mask."""
+    sample_ids: torch.Tensor | None = None
+    """``[B, L]`` long when a row holds several samples: each token's sample within its row (0, 1, ...), trailing
+    padding counted with the row's last sample."""
+
+    def __post_init__(self) -> None:
+        if self.layout is None:
+            self.layout = RowLayout.unpacked(self.attention_mask.sum(dim=1).tolist(), self.image_counts)
 
     def to(self, device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict[str, Any]:
         """Model keyword arguments on ``device``; pixels are normalised there.
@@ -54,15 +70,35 @@ class Batch:
             "labels": moved(self.labels),
             "images": image_ops.normalize(moved(self.images), dtype) if len(self.images) else None,
             "image_counts": self.image_counts,
+            "layout": self.layout,
+            "sample_ids": moved(self.sample_ids) if self.sample_ids is not None else None,
         }
 
 
 class Collator(NumpyBatchCollateFn):
-    """``collate_fn`` for ``iter_torch_batches``: drops and counts bad rows, pads to the longest row."""
+    """``collate_fn`` for ``iter_torch_batches``: drops and counts bad rows, packs the rest into rows of up to
+    ``pack_length`` decoder tokens (None: one sample a row), pads to the longest row.
 
-    def __init__(self, pad_token_id: int, image_size: int) -> None:
+    Packing keeps the batch's samples in their order (:func:`~owl2.data.packing.rows_of`), so the resume position
+    is untouched; each packed sample's first label is dropped, as a row's first one is (nothing predicts it).
+    ``tokens_per_image`` measures the samples for packing.
+    """
+
+    def __init__(
+        self, pad_token_id: int, image_size: int, pack_length: int | None = None, tokens_per_image: int = 0
+    ) -> None:
+        if pack_length is not None and tokens_per_image < 1:
+            raise ValueError(f"packing needs the decoder tokens per image, got tokens_per_image={tokens_per_image}")
         self.pad_token_id = pad_token_id
         self.image_size = image_size
+        self.pack_length = pack_length
+        self.tokens_per_image = tokens_per_image
+
+    @classmethod
+    def of(cls, data: DataConfig, pad_token_id: int, tokens_per_image: int) -> Collator:
+        """The collator of a data section: packing into ``data.max_length`` tokens if ``data.packing``."""
+        pack_length = data.max_length if data.packing else None
+        return cls(pad_token_id, data.image_size, pack_length, tokens_per_image)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> Batch:
         skips = SkipStats()
@@ -71,16 +107,31 @@ class Collator(NumpyBatchCollateFn):
             skips.add(error, str(batch["detail"][i]) if error else "")
             if not error:
                 good.append(i)
-        length = max((len(batch["input_ids"][i]) for i in good), default=0)
-        input_ids = torch.full((len(good), length), self.pad_token_id, dtype=torch.long)
-        labels = torch.full((len(good), length), IGNORE_INDEX, dtype=torch.long)
-        attention_mask = torch.zeros((len(good), length), dtype=torch.long)
         counts = [int(batch["num_images"][i]) for i in good]
-        for row, i in enumerate(good):
-            n = len(batch["input_ids"][i])
-            input_ids[row, :n] = torch.from_numpy(np.array(batch["input_ids"][i], dtype=np.int64))
-            labels[row, :n] = torch.from_numpy(np.array(batch["labels"][i], dtype=np.int64))
-            attention_mask[row, :n] = 1
+        lengths = [len(batch["input_ids"][i]) for i in good]
+        per_row = [1] * len(good)
+        if self.pack_length is not None:
+            expanded = [n + (self.tokens_per_image - 1) * c for n, c in zip(lengths, counts, strict=True)]
+            per_row = rows_of(expanded, self.pack_length)
+        layout = RowLayout(*(_split(values, per_row) for values in (lengths, counts)))
+        width = max(layout.row_tokens, default=0)
+        input_ids = torch.full((len(per_row), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(per_row), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(per_row), width), dtype=torch.long)
+        sample_ids = torch.zeros((len(per_row), width), dtype=torch.long) if layout.packed else None
+        sample = 0
+        for row, row_lengths in enumerate(layout.tokens):
+            start = 0
+            for number, n in enumerate(row_lengths):
+                i = good[sample]
+                input_ids[row, start : start + n] = torch.from_numpy(np.array(batch["input_ids"][i], dtype=np.int64))
+                labels[row, start : start + n] = torch.from_numpy(np.array(batch["labels"][i], dtype=np.int64))
+                if sample_ids is not None:
+                    labels[row, start] = IGNORE_INDEX
+                    sample_ids[row, start:] = number  # the trailing padding stays with the last sample
+                start += n
+                sample += 1
+            attention_mask[row, :start] = 1
         # One copy of each row's bytes into the batch tensor: torch.cat of uint8 tensors is ~10x slower than
         # this and runs in the consumer's process, which competes with the pipeline's workers for the CPUs.
         side = self.image_size
@@ -99,12 +150,20 @@ class Collator(NumpyBatchCollateFn):
             attention_mask=attention_mask,
             labels=labels,
             images=images,
-            image_counts=counts,
+            image_counts=layout.image_counts,
             ids=[str(batch["id"][i]) for i in good],
             epoch=int(batch[EPOCH][-1]) if len(batch[EPOCH]) else -1,
             last_key=int(batch[ORDER_KEY][-1]) if len(batch[ORDER_KEY]) else -1,
             skips=skips,
+            layout=layout,
+            sample_ids=sample_ids,
         )
+
+
+def _split(values: list[int], per_row: list[int]) -> tuple[tuple[int, ...], ...]:
+    """``values`` cut into consecutive rows of ``per_row`` entries."""
+    ends = np.cumsum(per_row).tolist()
+    return tuple(tuple(values[end - n : end]) for end, n in zip(ends, per_row, strict=True))
 
 
 def iterate(

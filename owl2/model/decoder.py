@@ -16,6 +16,12 @@ alone, without any gather.
 With ``decoder.modality_adaptive: false`` (the ablation) each layer has one copy of each norm and of K/V for all
 tokens, under LLaMA's own names (``input_layernorm.weight``, ``self_attn.k_proj.weight``): the layer is a plain
 LLaMA layer and the decoder routes nothing.
+
+Attention takes one of three forms (:class:`Attention`, chosen once per forward): an explicit mask where
+padding may sit before real tokens or a cache precedes the new ones (generation, evaluation); plain causal
+attention without a mask for whole rows and right-padded training rows, which lets SDPA use its flash kernels
+and skip the blocks above the diagonal; and block-diagonal causal attention for rows packed with several
+samples, each sample's tokens attending only within it.
 """
 
 from __future__ import annotations
@@ -171,6 +177,53 @@ def run_per_modality(module: nn.Module, rows: torch.Tensor, routing: Partition |
     return module(rows) if routing is None else module(rows, routing)
 
 
+@dataclass(frozen=True)
+class Attention:
+    """Which keys each query attends to, in the form its kernel takes; built once per forward for every layer.
+
+    * ``mask`` ``[B, 1, Q, S]`` bool (True = may attend): SDPA with that mask. For padding before real tokens
+      (left-padded prompts, splices of unequal rows) and cached decoding; packed rows off CUDA (the tests' CPU).
+    * ``cu_seqlens`` ``[n + 1]`` int32: the flat ``B * T`` tokens as ``n`` causal sequences of at most ``longest``
+      tokens for ``torch.nn.attention.varlen.varlen_attn``: packed rows on CUDA in half precision.
+    * neither: causal over whole rows, SDPA with ``is_causal`` and no mask, so that it may take its flash kernel
+      (any mask rules that out and computes the full ``T x T``).
+
+    Packed rows on CUDA take ``varlen_attn`` rather than FlexAttention with a ``BlockMask``: varlen calls the flash
+    kernel SDPA uses (or cuDNN's) directly, runs only each sample's causal blocks, and needs neither
+    ``torch.compile`` (FlexAttention without it materialises the scores; owl2 does not compile the model, and
+    packed shapes change every batch) nor a block mask built per batch. Off CUDA FlexAttention has no backward
+    (torch 2.14), so the boolean block-diagonal mask through SDPA is the CPU path; both start from the same sample
+    boundaries (:func:`sample_starts`, :func:`packed_attention`).
+    """
+
+    mask: torch.Tensor | None = None
+    cu_seqlens: torch.Tensor | None = None
+    longest: int = 0
+    dtype: torch.dtype | None = None
+    """For ``cu_seqlens``: the half-precision dtype the kernel runs in (autocast does not reach ``varlen_attn``)."""
+
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q ``[B, H, Q, Dh]``, k and v ``[B, H_kv, S, Dh]`` (views of any strides) -> ``[B, Q, H * Dh]``."""
+        gqa = q.shape[1] != k.shape[1]
+        if self.cu_seqlens is None:
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=self.mask, is_causal=self.mask is None, enable_gqa=gqa
+            )
+            return out.transpose(1, 2).flatten(2)
+        from torch.nn.attention.varlen import varlen_attn
+
+        batch, heads, length, head_dim = q.shape
+
+        def tokens(x: torch.Tensor) -> torch.Tensor:  # [B, H, T, Dh] -> [B * T, H, Dh]
+            return x.transpose(1, 2).reshape(batch * length, x.shape[1], head_dim).to(self.dtype)
+
+        cu, longest = self.cu_seqlens, self.longest
+        out = varlen_attn(
+            tokens(q), tokens(k), tokens(v), cu, cu, longest, longest, window_size=(-1, 0), enable_gqa=gqa
+        )
+        return out.view(batch, length, heads * head_dim)
+
+
 class ModalityAdaptiveAttention(nn.Module):
     """Causal self-attention with shared Q/O and per-modality K/V (one K/V for all tokens without the
     modality-adaptive module); grouped-query attention allowed."""
@@ -191,31 +244,29 @@ class ModalityAdaptiveAttention(nn.Module):
         self,
         normed: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor,
+        attention: Attention,
         routing: Partition | None,
         cache: Cache | None = None,
     ) -> torch.Tensor:
         """normed: the input norm's output, ``[B, Q, D]`` when ``routing`` is None, else its rows ``[N, D]`` grouped
-        by ``routing``; attention_mask ``[B, 1, Q, S]`` bool (True = may attend) -> ``[B, Q, D]``.
+        by ``routing``; ``attention``: which keys each query sees -> ``[B, Q, D]``.
 
         The projections run on the rows as given (each K/V copy on its own modality's rows); attention needs the
-        sequence, so Q, K and V go back to sequence order.
+        sequence, so Q, K and V go back to sequence order. They stay sequence-major (``[B, Q, heads, head_dim]``,
+        viewed head-major for SDPA), the layout the varlen kernel reads without a copy.
         """
-        q = ungroup(self.q_proj(normed), routing).unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
+        q = ungroup(self.q_proj(normed), routing).unflatten(-1, (self.num_heads, self.head_dim))
         k = ungroup(run_per_modality(self.k_proj, normed, routing), routing)
         v = ungroup(run_per_modality(self.v_proj, normed, routing), routing)
         k = k.unflatten(-1, (self.num_kv_heads, self.head_dim))
         v = v.unflatten(-1, (self.num_kv_heads, self.head_dim))
-        k, v = k.transpose(1, 2), v.transpose(1, 2)
         cos, sin = position_embeddings
-        q, k = apply_rotary_pos_emb(q, k, cos, sin)
+        q, k = apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
         if cache is not None:
             # Cached after the modality-specific projection: image keys keep their visual branch.
             k, v = cache.update(k, v, self.layer_idx)
-        out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attention_mask, enable_gqa=self.num_kv_heads != self.num_heads
-        )
-        return self.o_proj(out.transpose(1, 2).flatten(2))
+        return self.o_proj(attention(q, k, v))
 
 
 class DecoderLayer(GradientCheckpointingLayer):
@@ -234,18 +285,18 @@ class DecoderLayer(GradientCheckpointingLayer):
         self,
         hidden_states: torch.Tensor,
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
-        attention_mask: torch.Tensor,
+        attention: Attention,
         routing: Partition | None,
         cache: Cache | None = None,
     ) -> torch.Tensor:
-        """hidden_states ``[B, Q, D]`` -> ``[B, Q, D]``; ``routing``: the tokens grouped by modality (a
-        :class:`Partition` over the visual mask), None when every token is text.
+        """hidden_states ``[B, Q, D]`` -> ``[B, Q, D]``; ``attention``: which keys each query sees; ``routing``: the
+        tokens grouped by modality (a :class:`Partition` over the visual mask), None when every token is text.
 
         The per-token parts (both norms, the projections, the MLP) run on the grouped rows; the residual stream
         stays in sequence order.
         """
         normed = run_per_modality(self.input_layernorm, group(hidden_states, routing), routing)
-        hidden_states = hidden_states + self.self_attn(normed, position_embeddings, attention_mask, routing, cache)
+        hidden_states = hidden_states + self.self_attn(normed, position_embeddings, attention, routing, cache)
         normed = run_per_modality(self.post_attention_layernorm, group(hidden_states, routing), routing)
         return hidden_states + ungroup(self.mlp(normed), routing)
 
@@ -275,6 +326,52 @@ def positions_from_mask(padding_mask: torch.Tensor, query_length: int) -> torch.
     return positions[:, -query_length:].clamp(min=0)
 
 
+@dataclass(frozen=True)
+class PackedRows:
+    """Rows of a right-padded batch that each hold whole samples one after another (``data.packing``)."""
+
+    ids: torch.Tensor
+    """``[B, T]`` long: each token's sample within its row, 0, 1, ... in order; a row's trailing padding carries
+    its last sample's number (so every token, padding too, attends to something and stays finite)."""
+    count: int
+    """Samples in the batch, on the host."""
+    longest: int
+    """Tokens of the longest sample, its row's trailing padding included, on the host."""
+
+
+def sample_starts(sample_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` sample numbers -> ``[B, T]`` bool, True at the first token of each sample."""
+    return F.pad(sample_ids[:, 1:] != sample_ids[:, :-1], (1, 0), value=True)
+
+
+def positions_in_samples(sample_ids: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` sample numbers -> ``[B, T]`` positions counted from each sample's first token."""
+    index = torch.arange(sample_ids.shape[1], device=sample_ids.device)
+    first = torch.where(sample_starts(sample_ids), index, 0).cummax(dim=1).values
+    return index - first
+
+
+def packed_attention(packed: PackedRows, varlen_dtype: torch.dtype | None) -> Attention:
+    """Causal attention within each sample: varlen sequences in ``varlen_dtype`` (None: a block-diagonal mask)."""
+    if varlen_dtype is not None:
+        # The flat index of each sample's first token, gathered by a partition of known size: no host sync.
+        first = Partition.of(sample_starts(packed.ids), packed.count).chosen
+        cu_seqlens = torch.cat([first, first.new_full((1,), packed.ids.numel())]).int()
+        return Attention(cu_seqlens=cu_seqlens, longest=packed.longest, dtype=varlen_dtype)
+    index = torch.arange(packed.ids.shape[1], device=packed.ids.device)
+    same_sample = packed.ids[:, None, :, None] == packed.ids[:, None, None, :]
+    return Attention(mask=same_sample & (index[None, :] <= index[:, None]))
+
+
+def varlen_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype attention runs in (autocast's, else ``x``'s) where ``varlen_attn``'s flash kernel takes it: half
+    precision on CUDA. None elsewhere."""
+    if x.device.type != "cuda":
+        return None
+    dtype = torch.get_autocast_dtype("cuda") if torch.is_autocast_enabled("cuda") else x.dtype
+    return dtype if dtype in (torch.float16, torch.bfloat16) else None
+
+
 class Decoder(nn.Module):
     """Embeddings, MAM decoder layers (or plain LLaMA ones) and the final norm (the LM head lives on the causal LM)."""
 
@@ -296,12 +393,15 @@ class Decoder(nn.Module):
         cache: Cache | None = None,
         output_hidden_states: bool = False,
         visual_tokens: int | None = None,
+        packed: PackedRows | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...] | None]:
         """Run the decoder over new tokens, attending to the cached ones.
 
         Args:
             inputs_embeds: ``[B, Q, D]`` embeddings of the new tokens.
-            attention_mask: ``[B, S]`` with S = cached + Q tokens, 1 = real, 0 = padding (None: all real).
+            attention_mask: ``[B, S]`` with S = cached + Q tokens, 1 = real, 0 = padding. None: no padding, or only
+                after every row's real tokens (right-padded training rows), which causal attention never lets a
+                real token see; attention then needs no mask (the flash path).
             visual_mask: ``[B, Q]`` bool, True for image tokens (None: all text); without the modality-adaptive
                 module every token takes the same path and the mask is not used.
             position_ids: ``[B, Q]`` (None: counted from the mask, pads excluded).
@@ -309,17 +409,30 @@ class Decoder(nn.Module):
             output_hidden_states: return the input of every layer and the final normed output.
             visual_tokens: True entries of ``visual_mask``, known on the host (images x tokens per image): routing
                 then never waits for the device. None with a mask: the count is read back once.
+            packed: rows of several samples each (no cache, mask or positions then): positions restart at every
+                sample and attention stays within it.
 
         Returns:
             ``[B, Q, D]`` normed hidden states, and optionally ``num_layers + 1`` tensors ``[B, Q, D]``.
         """
         batch, length, _ = inputs_embeds.shape
-        if attention_mask is None:
-            past = cache.get_seq_length() if cache is not None else 0
-            attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=inputs_embeds.device)
-        if position_ids is None:
-            position_ids = positions_from_mask(attention_mask, length)
-        mask = causal_padding_mask(attention_mask, length)
+        device = inputs_embeds.device
+        past = cache.get_seq_length() if cache is not None else 0
+        if packed is not None:
+            if past or attention_mask is not None or position_ids is not None:
+                raise ValueError("packed rows take no cached tokens, attention_mask or position_ids")
+            position_ids = positions_in_samples(packed.ids)
+            attention = packed_attention(packed, varlen_dtype(inputs_embeds))
+        elif attention_mask is None and not past:
+            if position_ids is None:
+                position_ids = torch.arange(length, device=device)[None].expand(batch, -1)
+            attention = Attention()
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(batch, past + length, dtype=torch.long, device=device)
+            if position_ids is None:
+                position_ids = positions_from_mask(attention_mask, length)
+            attention = Attention(mask=causal_padding_mask(attention_mask, length))
         position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
         routing = None
         if visual_mask is not None and self.modality_adaptive:
@@ -330,7 +443,7 @@ class Decoder(nn.Module):
         for layer in self.layers:
             if output_hidden_states:
                 collected.append(hidden_states)
-            hidden_states = layer(hidden_states, position_embeddings, mask, routing, cache=cache)
+            hidden_states = layer(hidden_states, position_embeddings, attention, routing, cache=cache)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             collected.append(hidden_states)

@@ -29,9 +29,10 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 from owl2.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ConfigError, ModelConfig, build, to_dict
 from owl2.model.abstractor import VisualAbstractor
 from owl2.model.checkpoint_io import LoadReport, load_into, read_config, read_state_dict
-from owl2.model.decoder import Decoder, Multiway, Partition, llama_config
+from owl2.model.decoder import Decoder, Multiway, PackedRows, Partition, llama_config
 from owl2.model.foreign_config import model_config_from_official
 from owl2.model.keymaps import OFFICIAL, Conversion, convert, match_modality_layout
+from owl2.model.layout import RowLayout
 from owl2.model.projector import MlpProjector
 from owl2.model.vision import VisionEncoder
 
@@ -100,6 +101,7 @@ class Spliced:
     visual_mask: torch.Tensor  # [B, T] bool
     labels: torch.Tensor | None  # [B, T]
     visual_tokens: int  # True entries of visual_mask, on the host
+    sample_ids: torch.Tensor | None = None  # [B, T] each token's sample within its row (packed rows)
 
 
 def splice_images(
@@ -109,6 +111,8 @@ def splice_images(
     attention_mask: torch.Tensor | None = None,
     labels: torch.Tensor | None = None,
     image_counts: list[int] | None = None,
+    row_lengths: list[int] | None = None,
+    sample_ids: torch.Tensor | None = None,
 ) -> Spliced:
     """Replace every ``-200`` placeholder by its image's tokens, vectorised over the batch.
 
@@ -119,11 +123,17 @@ def splice_images(
         attention_mask: ``[B, L]`` (None: all ones). labels: ``[B, L]`` or None.
         image_counts: placeholders per row, known on the host (the collate function provides them);
             without them they are read back from the device once.
+        row_lengths: real tokens per row of a right-padded batch, on the host (a training batch's
+            :class:`~owl2.model.layout.RowLayout`): the padding then goes after every row's tokens, and the
+            expanded rows are as long as the longest one needs.
+        sample_ids: ``[B, L]`` each token's sample within its row (packed rows), expanded alongside: an image's
+            tokens belong to its placeholder's sample, added padding to the row's last sample.
 
-    Rows that expand to different lengths are padded with zero embeddings (mask 0, label -100). The padding
-    goes where the batch already pads: after the tokens in a right-padded batch; before them when every row
-    ends with a real token (left-padded or unpadded, as in generation), so the last position stays real.
-    The output length depends on the placeholder counts; given ``image_counts`` nothing is read back.
+    Rows that expand to different lengths are padded with zero embeddings (mask 0, label -100). Without
+    ``row_lengths`` the padding goes where the batch already pads: after the tokens in a right-padded batch;
+    before them when every row ends with a real token (left-padded or unpadded, as in generation), so the last
+    position stays real. The output length depends on the placeholder counts; given ``image_counts`` nothing is
+    read back.
     """
     batch, length = input_ids.shape
     device = input_ids.device
@@ -142,15 +152,18 @@ def splice_images(
         attention_mask = torch.ones_like(input_ids)
     text_embeds = embeddings(input_ids.clamp(min=0))
     if num_images == 0:
-        return Spliced(text_embeds, attention_mask, torch.zeros_like(is_image), labels, 0)
+        return Spliced(text_embeds, attention_mask, torch.zeros_like(is_image), labels, 0, sample_ids)
 
     # Each position of input_ids covers 1 slot, or per_image slots for a placeholder.
     widths = torch.where(is_image, per_image, 1)
     starts = widths.cumsum(dim=1) - widths
-    total = length + (per_image - 1) * max(counts)
-    right_align = attention_mask[:, -1].bool().all()
-    shift = torch.where(right_align, total - widths.sum(dim=1), 0)
-    starts = starts + shift[:, None]
+    if row_lengths is None:
+        total = length + (per_image - 1) * max(counts)
+        right_align = attention_mask[:, -1].bool().all()
+        shift = torch.where(right_align, total - widths.sum(dim=1), 0)
+        starts = starts + shift[:, None]
+    else:
+        total = max(n + (per_image - 1) * count for n, count in zip(row_lengths, counts, strict=True))
 
     # Gather from one bank: [text embeddings (B*L rows); image tokens (N*K rows); one zero row for padding].
     text_rows = torch.arange(batch * length, device=device).view(batch, length)
@@ -159,9 +172,10 @@ def splice_images(
     source = torch.where(
         is_image[..., None], batch * length + image_ordinal[..., None] * per_image + slot, text_rows[..., None]
     )
-    used = is_image[..., None] | (slot == 0)
-    # Unused slots of text positions are written to a scratch column that is dropped afterwards.
-    target = torch.where(used, starts[..., None] + slot, total)
+    # Unused slots of text positions are written to a scratch column that is dropped afterwards, and so is the
+    # padding beyond the longest row given row_lengths.
+    target = starts[..., None] + slot
+    target = torch.where((is_image[..., None] | (slot == 0)) & (target < total), target, total)
     pad_row = batch * length + num_images * per_image
     index = torch.full((batch, total + 1), pad_row, dtype=torch.long, device=device)
     index.scatter_(1, target.view(batch, -1), source.view(batch, -1))
@@ -178,14 +192,25 @@ def splice_images(
         label_bank = torch.cat([labels.flatten(), labels.new_full((num_images * per_image + 1,), IGNORE_INDEX)])
         expanded_labels = label_bank[index]
     visual_mask = (index >= batch * length) & (index < pad_row)
-    return Spliced(bank[index], mask_bank[index], visual_mask, expanded_labels, num_images * per_image)
+    expanded_ids = None
+    if sample_ids is not None:
+        # Each slot's position in input_ids; added padding takes the row's last column (its last sample).
+        origin = text_rows[:, -1:].repeat(1, total + 1)
+        origin.scatter_(1, target.view(batch, -1), text_rows[..., None].expand_as(target).reshape(batch, -1))
+        expanded_ids = sample_ids.flatten()[origin[:, :total]]
+    return Spliced(bank[index], mask_bank[index], visual_mask, expanded_labels, num_images * per_image, expanded_ids)
 
 
-def count_labels(input_ids: torch.Tensor, labels: torch.Tensor) -> list[int]:
-    """Per row, the labels the expanded sequence keeps (not -100, not on an image placeholder): the forward's
-    ``label_counts``. Call it on host tensors (the collate's), or it reads the device back."""
+def count_labels(input_ids: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor | None = None) -> list[int]:
+    """Per row, or per sample of packed rows (given their ``[B, L]`` ``sample_ids``), the labels the expanded
+    sequence keeps (not -100, not on an image placeholder): the forward's ``label_counts``. Call it on host
+    tensors (the collate's), or it reads the device back."""
     kept = (labels != IGNORE_INDEX) & (input_ids != IMAGE_TOKEN_INDEX)
-    return kept.sum(dim=1).tolist()
+    if sample_ids is None:
+        return kept.sum(dim=1).tolist()
+    per_sample = torch.zeros_like(input_ids).scatter_add_(1, sample_ids, kept.long())
+    samples = (sample_ids.amax(dim=1) + 1).tolist()
+    return [count for row, n in zip(per_sample.tolist(), samples, strict=True) for count in row[:n]]
 
 
 def _match_decoder_layout(conversion: Conversion, spec: ModelConfig, source: str) -> Conversion:
@@ -382,6 +407,8 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
         labels: torch.Tensor | None = None,
         image_counts: list[int] | None = None,
         label_counts: list[int] | None = None,
+        layout: RowLayout | None = None,
+        sample_ids: torch.Tensor | None = None,
         cache: Cache | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
@@ -400,10 +427,18 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
                 Positions are counted from the mask, so padding never shifts them.
             image_counts: images per row as host integers (from the collate function): the forward
                 then never waits for the device.
-            label_counts: with ``labels``, per row the labels the loss can use, as host integers
-                (:func:`count_labels` on the collate's tensors). This is the training switch: the LM head and the
-                loss then run only on the positions that predict a label, and ``logits`` is None. Leave it out
-                wherever logits are needed (generation, evaluation scoring, golden tests).
+            label_counts: with ``labels``, per row (or per packed sample) the labels the loss can use, as host
+                integers (:func:`count_labels` on the collate's tensors; only their sum matters here). This is the
+                training switch: the LM head and the loss then run only on the positions that predict a label,
+                and ``logits`` is None. Leave it out wherever logits are needed (generation, evaluation scoring,
+                golden tests).
+            layout: how a right-padded training batch fills its rows, on the host (``Batch.to`` passes the
+                collator's). The expanded rows are then right-aligned and attention needs no padding mask: causal
+                SDPA over whole rows (its flash kernel), or, for rows packed with several samples, causal within
+                each sample, with positions restarting at every sample. Leave it out for left padding and for
+                generation (no cache may precede a layout's tokens).
+            sample_ids: ``[B, L]`` with a packed ``layout``: each token's sample within its row (0, 1, ...), the
+                row's trailing padding carrying its last sample's number.
             cache: a transformers ``Cache``; created when ``use_cache`` and none is given.
             logits_to_keep: compute logits for the last this-many positions only (0 = all).
 
@@ -419,6 +454,10 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
             cache = DynamicCache(config=self.config)
         past_length = cache.get_seq_length() if cache is not None else 0
 
+        if layout is not None:
+            self._check_layout(layout, input_ids, sample_ids, past_length)
+            image_counts = layout.image_counts if image_counts is None else image_counts
+        packed = None
         if past_length:
             # Decoding after a prefill: new tokens are text, the mask already covers the expanded past.
             if images is not None:
@@ -428,17 +467,30 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
         else:
             image_tokens = self.encode_images(images) if images is not None and images.shape[0] else None
             spliced = splice_images(
-                input_ids, self.decoder.embed_tokens, image_tokens, attention_mask, labels, image_counts
+                input_ids,
+                self.decoder.embed_tokens,
+                image_tokens,
+                attention_mask,
+                labels,
+                image_counts,
+                row_lengths=layout.row_tokens if layout is not None else None,
+                sample_ids=sample_ids if layout is not None and layout.packed else None,
             )
             step_visual_mask = spliced.visual_mask if image_tokens is not None else None
+            if layout is not None and spliced.sample_ids is not None:
+                per_image = image_tokens.shape[1] if image_tokens is not None else 1
+                longest = layout.longest_span(per_image, spliced.sample_ids.shape[1])
+                packed = PackedRows(spliced.sample_ids, layout.samples, longest)
 
         hidden, hidden_states = self.decoder(
             spliced.inputs_embeds,
-            attention_mask=spliced.attention_mask,
+            # Right-padded rows need no mask: causal attention never lets a real token see the padding after it.
+            attention_mask=spliced.attention_mask if layout is None else None,
             visual_mask=step_visual_mask,
             cache=cache,
             output_hidden_states=bool(output_hidden_states),
             visual_tokens=spliced.visual_tokens,
+            packed=packed,
         )
         if spliced.labels is not None and label_counts is not None:
             logits, loss = None, self.label_loss(hidden, spliced.labels, sum(label_counts))
@@ -457,6 +509,17 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
             visual_mask=spliced.visual_mask,
             labels=spliced.labels,
         )
+
+    @staticmethod
+    def _check_layout(
+        layout: RowLayout, input_ids: torch.Tensor, sample_ids: torch.Tensor | None, past_length: int
+    ) -> None:
+        if len(layout.tokens) != input_ids.shape[0]:
+            raise ValueError(f"the layout has {len(layout.tokens)} rows for a batch of {input_ids.shape[0]}")
+        if past_length:
+            raise ValueError("a row layout describes whole training rows; it cannot follow cached tokens")
+        if layout.packed and (sample_ids is None or sample_ids.shape != input_ids.shape):
+            raise ValueError("packed rows need sample_ids of input_ids' shape: each token's sample within its row")
 
     def label_loss(self, hidden: torch.Tensor, labels: torch.Tensor, label_count: int) -> torch.Tensor:
         """Mean next-token cross-entropy, the LM head run only where a label is predicted.

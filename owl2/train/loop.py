@@ -124,7 +124,7 @@ class ShardStream:
         self.position = position
         self.rank, self.world_size = rank, world_size
         self.steps_done = steps_done  # the next pass's size depends on the optimizer steps still to do
-        self.collator = Collator(pad_token_id=spec.decoder.pad_token_id, image_size=self.stage.image_size)
+        self.collator = Collator.of(self.stage.data, spec.decoder.pad_token_id, spec.tokens_per_image)
         data = self.stage.data
         self.stats = SkipStats(max_fraction=data.max_bad_fraction, min_records=data.min_records_for_check)
         self._batches = self._stream()

@@ -65,7 +65,8 @@ class TrainStep:
         bf16 = self.dtype == torch.bfloat16
         for micro in range(self.accumulation):
             batch = next_batch()
-            labels = count_labels(batch.input_ids, batch.labels)  # on the host: the head runs on label positions
+            # On the host, per sample: the head runs on label positions.
+            labels = count_labels(batch.input_ids, batch.labels, batch.sample_ids)
             with parallel.gradient_sync(self.model, sync=micro == self.accumulation - 1):
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
                     inputs = batch.to(self.device, self.dtype)

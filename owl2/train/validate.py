@@ -33,7 +33,7 @@ class HeldOut:
         if self._batches is None:
             data = self.validation.data
             dataset = encoded(data, self.tokens_per_image, epoch=0, rank=self.rank, world_size=self.world_size)
-            collator = Collator(pad_token_id=self.pad_token_id, image_size=data.image_size)
+            collator = Collator.of(data, self.pad_token_id, self.tokens_per_image)
             skips = SkipStats(max_fraction=data.max_bad_fraction)
             kept: list[Batch] = []
             for batch in iterate(dataset, collator, self.validation.batch_size, skips):
@@ -56,7 +56,7 @@ class HeldOut:
         totals = torch.zeros(2, dtype=torch.float64, device=device)  # summed loss, supervised tokens
         for batch in self.batches():
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16):
-                labels = count_labels(batch.input_ids, batch.labels)
+                labels = count_labels(batch.input_ids, batch.labels, batch.sample_ids)
                 out = model(**batch.to(device, dtype), use_cache=False, label_counts=labels)
             tokens = (out.labels[:, 1:] != IGNORE_INDEX).sum()
             totals += torch.stack([out.loss.double() * tokens, tokens.double()])

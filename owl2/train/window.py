@@ -64,7 +64,7 @@ class LogWindow:
 
     def add(self, batch: Batch, loss: torch.Tensor, flop_model: FlopModel, labels: list[int] | None = None) -> None:
         """Count a micro-batch (``batch`` on the host, ``loss`` its mean loss on the device); never reads it.
-        ``labels``: label positions per row, where the LM head ran (None: every position)."""
+        ``labels``: label positions per sample, where the LM head ran (None: every position)."""
         supervised = supervised_tokens(batch)
         self.loss_sum = self.loss_sum + loss.detach().double() * supervised
         self.supervised += supervised
@@ -72,10 +72,12 @@ class LogWindow:
         self.samples += len(batch.ids)
         self.tokens += decoder_tokens(batch, flop_model.tokens_per_image)
         self.images += len(batch.images)
-        # Each image is one placeholder among the row's real tokens.
-        lengths = batch.attention_mask.sum(dim=1).tolist()
-        text = [length - count for length, count in zip(lengths, batch.image_counts, strict=True)]
-        flops = flop_model.batch(text, batch.image_counts, labels)
+        # Per sample, packed or not (attention stays within a sample); each image is one placeholder among its
+        # sample's tokens.
+        layout = batch.layout
+        images = [count for row in layout.images for count in row]
+        text = [length - count for length, count in zip((n for row in layout.tokens for n in row), images, strict=True)]
+        flops = flop_model.batch(text, images, labels)
         self.model_flops += flops.model
         self.hardware_flops += flops.hardware
 
