@@ -22,6 +22,9 @@ is recorded as that section's ``error`` and the rest still runs.
   sharded), and ``stage2_step_full_state``: the deepest stage-2 model whose whole training state fits.
   Each step reports its peak memory next to ``owl2.plan``'s estimate for that configuration on one GPU.
 * ``sync_debug``: one stage-1 step under ``torch.cuda.set_sync_debug_mode("error")``: whether it raised, where.
+* ``packing``: a training step of samples packed into stage 2's ``max_length`` rows against one sample a row
+  (``benchmarks/packing_bench.py``, two decoder layers at full width): the varlen kernel against SDPA's causal
+  flash one, their times and how far the packed loss and gradients are from the padded ones.
 
 Timings use CUDA events after warm-up. ``--cpu-smoke`` runs the same code on the CPU at reduced sizes (the
 ``debug`` preset, short sequences, ``perf_counter``) so that ``tests/test_gpu_check.py`` keeps it working.
@@ -213,6 +216,7 @@ def random_model(bench: Bench, spec: Any, stage: Any) -> torch.nn.Module:
 def random_batch(bench: Bench, spec: Any, stage: Any) -> dict[str, Any]:
     """``micro_batch_size`` rows of one image and text, ``max_length`` decoder tokens each once expanded."""
     from owl2.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+    from owl2.model.layout import RowLayout
 
     rows, text = stage.micro_batch_size, stage.data.max_length - spec.tokens_per_image + 1
     ids = torch.randint(3, spec.decoder.vocab_size, (rows, text), device=bench.device)
@@ -220,7 +224,9 @@ def random_batch(bench: Bench, spec: Any, stage: Any) -> dict[str, Any]:
     images = torch.randn(rows, 3, stage.image_size, stage.image_size, device=bench.device, dtype=torch.bfloat16)
     labels = torch.where(ids == IMAGE_TOKEN_INDEX, IGNORE_INDEX, ids)
     mask = torch.ones_like(ids)
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels, "images": images, "image_counts": [1] * rows}
+    layout = RowLayout.unpacked([text] * rows, [1] * rows)  # as the collator says it: attention takes the flash path
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": labels, "images": images, "image_counts": [1] * rows}
+    return {**batch, "layout": layout}
 
 
 def train_step(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None, batch: dict[str, Any]) -> None:
@@ -330,6 +336,18 @@ def sync_debug(bench: Bench) -> dict[str, Any]:
     return result
 
 
+def packing(bench: Bench) -> dict[str, Any]:
+    """A training step of stage 2's samples packed into ``max_length`` rows against one sample a row (two decoder
+    layers at full width): the varlen kernel against SDPA's causal flash one, time and agreement."""
+    from packing_bench import compare
+
+    stage = bench.stage("stage2")
+    warmup, iters = (1, 1) if bench.smoke else (2, 5)
+    # The smoke run's rows hold a few of the benchmark's samples (its stage rows of 32 tokens would hold none).
+    samples, max_length = (8, 192) if bench.smoke else (4 * stage.micro_batch_size, stage.data.max_length)
+    return compare(bench.spec(2), samples, max_length, bench.device, warmup, iters, seed=0)
+
+
 # ------------------------------------------------------------------------------------------ driver
 
 
@@ -359,6 +377,7 @@ def run(bench: Bench) -> dict[str, Any]:
         "stage2_step": lambda: stage_step(bench, "stage2", optimizer=False),
         "stage2_step_full_state": lambda: stage_step(bench, "stage2", layers=deepest_full_state(bench)),
         "sync_debug": lambda: sync_debug(bench),
+        "packing": lambda: packing(bench),
     }
     name = torch.cuda.get_device_name(bench.device) if bench.cuda else "cpu"
     result: dict[str, Any] = {"device": name, "torch": torch.__version__, "cpu_smoke": bench.smoke}

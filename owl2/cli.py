@@ -21,6 +21,7 @@ from owl2.config import (
     ConfigError,
     DataConfig,
     ModelConfig,
+    StageConfig,
     build,
     to_dict,
 )
@@ -156,6 +157,12 @@ def _add_data_commands(commands: Any) -> None:
     stats.add_argument("--image-size", type=int, default=defaults.image_size, help="training resolution")
     stats.add_argument("--resize", default=defaults.resize, choices=RESIZE_MODES, help="how images become square")
     stats.add_argument("--preset", default="owl2-7b", help="model preset giving the tokens per image (owl2-7b: 65)")
+    stats.add_argument(
+        "--micro-batch-size",
+        type=int,
+        default=StageConfig().micro_batch_size,
+        help="samples per micro-batch, for the padding efficiency with and without packing (default %(default)s)",
+    )
     stats.set_defaults(handler=_data_stats)
 
 
@@ -356,9 +363,11 @@ def _data_stats(args: argparse.Namespace) -> int:
         key, message = problem
         option = {"tokenizer": "--tokenizer"}.get(key, "--image-root" if key.endswith("image_root") else "--path")
         raise ConfigError(f"{option} {message}")
+    if args.micro_batch_size < 1:
+        raise ConfigError(f"--micro-batch-size must be positive, got {args.micro_batch_size}")
     tokens_per_image = ModelConfig.from_preset(args.preset).tokens_per_image
     ensure_ray()
-    print(json.dumps(dataset_stats(config, tokens_per_image), indent=2))
+    print(json.dumps(dataset_stats(config, tokens_per_image, args.micro_batch_size), indent=2))
     return 0
 
 

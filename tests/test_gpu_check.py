@@ -73,6 +73,9 @@ def test_cpu_smoke_writes_every_check(tmp_path):
     # Checkpointing keeps fewer activations, by the plan too.
     assert other["plan_estimate_gb"]["activations"] != result["stage1_step"]["plan_estimate_gb"]["activations"]
     assert result["sync_debug"]["raised"] is False
+    packed = result["packing"]  # fp32 on the CPU: the block-diagonal mask against causal SDPA
+    assert packed["packed_shape"][0] < packed["padded_shape"][0] and packed["padded_s"] > 0 < packed["packed_s"]
+    assert packed["loss_relative_difference"] < 1e-5 and packed["grad_relative_difference"] < 1e-5
 
 
 def test_without_a_gpu_it_exits_2_with_one_line(tmp_path):

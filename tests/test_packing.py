@@ -3,6 +3,9 @@ and gradients it gets unpacked; right-padded rows attend without a mask and give
 
 from __future__ import annotations
 
+import itertools
+import random
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +13,7 @@ import torch.nn.functional as F
 
 from owl2.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX, ConfigError, DataConfig, ModelConfig, OptimConfig, build
 from owl2.data.batch import Batch, Collator
-from owl2.data.packing import padding_efficiency, rows_of
+from owl2.data.packing import rows_of
 from owl2.data.pipeline import EPOCH, ORDER_KEY
 from owl2.model import Owl2Config, Owl2ForCausalLM
 from owl2.model import decoder as decoder_module
@@ -259,16 +262,37 @@ def test_a_packed_training_step_never_waits_for_the_device(op_recorder) -> None:
     assert window.model_flops == pytest.approx(unpacked.model_flops) and window.samples == unpacked.samples == 12
 
 
-def test_rows_of_fills_rows_in_order() -> None:
-    assert rows_of([20, 9, 26, 7, 30, 14], 40) == [2, 2, 1, 1]
-    assert rows_of([50, 5, 5], 40) == [1, 2]  # an over-long sample sits alone
+def test_rows_take_consecutive_samples_and_run_the_fewest_tokens() -> None:
+    assert rows_of([20, 9, 26, 7, 30, 14], 40) == [2, 2, 1, 1]  # 4 x 33 tokens; 3 rows cannot hold them
+    # Rows filled as far as they go would be 5 + 3 samples, 2 x 176 tokens (unpacked: 8 x 43); balanced, 2 x 140.
+    assert rows_of([27, 43, 35, 31, 40, 29, 38, 33], 192) == [4, 4]
+    assert rows_of([35] * 8, 192) == [1] * 8  # no padding to save: more, shorter rows
+    assert rows_of([30, 10, 10, 10], 40) == [1, 3]  # 2 x 30, where filling runs 2 x 40
+    assert rows_of([50, 5, 5], 40) == [1, 1, 1]  # a sample beyond max_length: the batch stays unpacked
     assert rows_of([], 40) == []
-    # Two batches: [10, 30, 20] pads to 3 x 30 (or packs to [10 + 30], [20]: 2 x 40); [40] is full either way.
-    assert padding_efficiency([[10, 30, 20], [40]], 40) == {
-        "padded": round(100 / 130, 4),
-        "packed": round(100 / 120, 4),
-    }
-    assert padding_efficiency([], 40) == {}
+
+
+def _tokens_run(lengths: list[int], rows: list[int]) -> tuple[int, int, int]:
+    """(rows x the longest row, -rows, the longest row) of a split of ``lengths`` into rows of ``rows`` samples."""
+    widths = np.add.reduceat(lengths, np.cumsum([0, *rows[:-1]])).tolist()
+    return len(rows) * max(widths), -len(rows), max(widths)
+
+
+def test_rows_of_finds_the_best_split_an_exhaustive_search_finds() -> None:
+    generator = random.Random(0)
+    for _ in range(200):
+        max_length = generator.randint(20, 120)
+        lengths = [generator.randint(1, 20) for _ in range(generator.randint(1, 8))]
+        splits = []
+        for cuts in itertools.product((False, True), repeat=len(lengths) - 1):  # a cut before sample i + 1
+            rows = [1]
+            for cut in cuts:
+                rows = [*rows, 1] if cut else [*rows[:-1], rows[-1] + 1]
+            if _tokens_run(lengths, rows)[2] <= max_length:
+                splits.append(_tokens_run(lengths, rows)[:2])
+        found = rows_of(lengths, max_length)
+        assert sum(found) == len(lengths) and _tokens_run(lengths, found)[2] <= max_length
+        assert _tokens_run(lengths, found)[:2] == min(splits), (lengths, max_length)
 
 
 def test_packing_must_be_a_boolean() -> None:

@@ -7,6 +7,7 @@ import shutil
 import pytest
 
 from owl2.cli import main
+from owl2.data.packing import padding_efficiency
 from owl2.data.sample import SKIP_REASONS
 
 
@@ -43,6 +44,8 @@ def test_stats_counts_skips_and_summarises_lengths(ray_cluster, world, capsys):
         "112",
         "--template",
         "mplug_owl2",
+        "--micro-batch-size",
+        "4",
     ]
     assert main(args) == 0
     summary = json.loads(capsys.readouterr().out)
@@ -54,6 +57,19 @@ def test_stats_counts_skips_and_summarises_lengths(ray_cluster, world, capsys):
     assert lengths["min"] <= lengths["p50"] <= lengths["p99"] <= lengths["max"] <= 2048
     assert set(summary["images_per_sample"]) <= {"0", "1"} and summary["tokens_per_image"] == 17
     assert sum(summary["images_per_sample"].values()) == summary["ok"]
+    # Rows of one sample pad to each micro-batch's longest; packed, every micro-batch of 4 fits one row of 2048.
+    assert summary["micro_batch_size"] == 4 and summary["max_length"] == 2048
+    assert 0.3 < summary["padding_efficiency"]["padded"] < 1 and summary["padding_efficiency"]["packed"] == 1.0
+
+
+def test_padding_efficiency_counts_real_tokens_over_the_tokens_run() -> None:
+    # [10, 30, 20] pads to 3 rows of 30, or packs to [10 + 30] and [20] in 2 rows of 40; [40] is full either way.
+    assert padding_efficiency([[10, 30, 20], [40]], 40) == {
+        "padded": round(100 / 130, 4),
+        "packed": round(100 / 120, 4),
+    }
+    assert padding_efficiency([[], [7]], 40) == {"padded": 1.0, "packed": 1.0}  # a batch of only bad records
+    assert padding_efficiency([], 40) == {}
 
 
 def test_stats_rejects_a_bad_template_before_any_work(capsys):
