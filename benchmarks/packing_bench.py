@@ -4,15 +4,15 @@
         [--warmup 2] [--iters 7] [--seed 0] [--json]
 
 The micro-batch is built by the real :class:`~owl2.data.batch.Collator` from ``--samples`` random samples shaped
-like the tiny shapes world's stage-2 mixture (``owl2 data stats`` on it: instruction records of one image and
-23-102 text tokens, captions of one image and about 20, text-only instructions of 7-20 tokens), once padded and
-once packed into rows of ``--max-length`` decoder tokens. Both run the training forward (``label_counts``: the
-LM head on label positions) and backward of the whole model; each time is the median over ``--iters`` runs after
-``--warmup``, the two taking turns. It also reports how far the packed loss and gradients are from the padded
-ones (on CUDA: the varlen kernel against SDPA's causal flash one, in bf16). ``--json`` prints ``{"padded_s",
-"packed_s", "speedup", "loss_relative_difference", "grad_relative_difference", "padded_shape", "packed_shape",
-"padding_efficiency", ...}``; otherwise a table. fp32 on the CPU (use ``OMP_NUM_THREADS=1`` on a
-shared machine), bf16 autocast on CUDA.
+like the tiny shapes world's stage-2 mixture (``owl2 data synth``'s world through the ``mplug_owl2`` template:
+instruction records of one image and 82-168 text tokens, text-only ones of 13-37, and at weight 0.2 captions of
+one image and 10-26), once padded and once packed into rows of ``--max-length`` decoder tokens. Both run the
+training forward (``label_counts``: the LM head on label positions) and backward of the whole model; each time
+is the median over ``--iters`` runs after ``--warmup``, the two taking turns. It also reports how far the packed
+loss and gradients are from the padded ones (on CUDA: the varlen kernel against SDPA's causal flash one, in
+bf16). ``--json`` prints ``{"padded_s", "packed_s", "speedup", "loss_relative_difference",
+"grad_relative_difference", "padded_shape", "packed_shape", "padding_efficiency", ...}``; otherwise a table.
+fp32 on the CPU (use ``OMP_NUM_THREADS=1`` on a shared machine), bf16 autocast on CUDA.
 """
 
 from __future__ import annotations
@@ -35,8 +35,9 @@ from owl2.data.pipeline import EPOCH, ORDER_KEY
 from owl2.model import Owl2Config, Owl2ForCausalLM
 from owl2.model.owl2 import count_labels
 
-# (share of samples, images, text tokens low-high, of which the prompt): the shapes world's stage-2 mixture.
-KINDS = ((0.6, 1, (23, 102), 20), (0.2, 1, (18, 24), 4), (0.2, 0, (7, 20), 5))
+# (share of samples, images, text tokens low-high, labelled tokens at the end): the shapes world's stage-2 mixture,
+# 2000 instruction records with an image, 502 without, and 2000 captions at weight 0.2 (median labels 20, 4, 17).
+KINDS = ((0.69, 1, (82, 168), 20), (0.17, 0, (13, 37), 4), (0.14, 1, (10, 26), 17))
 
 
 def records(samples: int, image_size: int, seed: int) -> dict[str, np.ndarray]:
@@ -46,14 +47,14 @@ def records(samples: int, image_size: int, seed: int) -> dict[str, np.ndarray]:
     rows: dict[str, list[Any]] = {name: [] for name in ("id", "error", "detail", "input_ids", "labels", "pixels")}
     rows |= {"num_images": [], EPOCH: [], ORDER_KEY: []}
     for key in range(samples):
-        _, images, (low, high), prompt = KINDS[rng.choice(len(KINDS), p=shares)]
+        _, images, (low, high), labelled = KINDS[rng.choice(len(KINDS), p=shares)]
         ids = rng.integers(3, 256, int(rng.integers(low, high + 1)))
         ids[1 : 1 + images] = IMAGE_TOKEN_INDEX
         rows["id"].append(f"r{key}")
         rows["error"].append("")
         rows["detail"].append("")
         rows["input_ids"].append(ids)
-        rows["labels"].append(np.where(np.arange(len(ids)) >= prompt, ids, IGNORE_INDEX))
+        rows["labels"].append(np.where(np.arange(len(ids)) >= max(1 + images, len(ids) - labelled), ids, IGNORE_INDEX))
         rows["pixels"].append(rng.integers(0, 256, (images, 3, image_size, image_size), dtype=np.uint8))
         rows["num_images"].append(images)
         rows[EPOCH].append(0)
