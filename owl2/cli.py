@@ -343,6 +343,8 @@ def _data_stats(args: argparse.Namespace) -> int:
     from owl2.data.stats import dataset_stats
     from owl2.runtime import ensure_ray
 
+    if args.micro_batch_size < 1:
+        raise ConfigError(f"--micro-batch-size must be positive, got {args.micro_batch_size}")
     source = {"format": args.format, "path": args.path[0] if len(args.path) == 1 else args.path}
     if args.image_root:
         source["image_root"] = args.image_root
@@ -363,8 +365,6 @@ def _data_stats(args: argparse.Namespace) -> int:
         key, message = problem
         option = {"tokenizer": "--tokenizer"}.get(key, "--image-root" if key.endswith("image_root") else "--path")
         raise ConfigError(f"{option} {message}")
-    if args.micro_batch_size < 1:
-        raise ConfigError(f"--micro-batch-size must be positive, got {args.micro_batch_size}")
     tokens_per_image = ModelConfig.from_preset(args.preset).tokens_per_image
     ensure_ray()
     print(json.dumps(dataset_stats(config, tokens_per_image, args.micro_batch_size), indent=2))

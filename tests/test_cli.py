@@ -3,6 +3,7 @@ import re
 import pytest
 
 from owl2.cli import main
+from owl2.config import StageConfig
 
 # Parameters of the released MAGAer13/mplug-owl2-llama2-7b (../shared/reference/owl2_7b_state_dict_shapes.json,
 # buffers excluded).
@@ -121,6 +122,13 @@ def test_data_stats_defaults_are_the_data_configs() -> None:
         defaults.image_size,
         defaults.resize,
     )
+    assert args.micro_batch_size == StageConfig().micro_batch_size
+
+
+def test_data_stats_refuses_an_empty_micro_batch(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["data", "stats", "--format", "llava", "--path", "a.json", "--tokenizer", "t", "--micro-batch-size", "0"]
+    assert main(args) == 2
+    assert capsys.readouterr().err == "owl2: error: --micro-batch-size must be positive, got 0\n"
 
 
 def test_eval_suites_are_the_configs(capsys: pytest.CaptureFixture[str]) -> None:
