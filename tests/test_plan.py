@@ -150,6 +150,26 @@ def test_flop_rule_by_hand_for_a_text_row() -> None:
     assert rows.sample(t, 0).hardware > trained.hardware  # recomputation
 
 
+def test_decoder_forward_flops_match_the_flop_counter() -> None:
+    # With nothing trainable the rule counts forwards: the decoder's share is the whole forward less the towers'.
+    spec = ModelConfig.from_preset("tiny-cpu")
+    torch.manual_seed(0)
+    model = Owl2ForCausalLM(Owl2Config.from_spec(spec)).eval().requires_grad_(False)
+    text = 40
+    batch = _batch(spec, 1, text, spec.vision.image_size)
+    # Frozen weights rather than no_grad, under which FlopCounterMode's module tracker raises (torch 2.14).
+    with sdpa_kernel(SDPBackend.MATH):
+        with FlopCounterMode(display=False) as whole:
+            model(input_ids=batch["input_ids"], images=batch["images"], image_counts=[1], use_cache=False)
+        with FlopCounterMode(display=False) as towers:
+            model.encode_images(batch["images"])
+    rule = FlopModel(spec, (), spec.vision.image_size)
+    assert rule.sample(text, 1).hardware == pytest.approx(whole.get_total_flops(), rel=0.05)
+    decoder = rule.decoder(text, 1)
+    assert decoder.hardware == pytest.approx(whole.get_total_flops() - towers.get_total_flops(), rel=0.05)
+    assert decoder.model < decoder.hardware  # causal attention's lower triangle only
+
+
 def test_trainable_parts_map_to_towers() -> None:
     assert Trainable.from_parts(STAGE1) == Trainable(True, True, False, True, False)
     assert Trainable.from_parts(["decoder"]).visual and not Trainable.from_parts(["decoder"]).lm_head

@@ -7,7 +7,8 @@ The package imports neither torch nor transformers: the CLI and Ray drivers read
 One module per domain: :mod:`~owl2.config.core` (the error, shared constants, the checks),
 :mod:`~owl2.config.model` (architecture and presets), :mod:`~owl2.config.data` (sources and the data pipeline),
 :mod:`~owl2.config.stage` (one training stage), :mod:`~owl2.config.experiment` (the pipeline and its resources),
-:mod:`~owl2.config.sweep` (Ray Tune sweeps) and :mod:`~owl2.config.loading` (dicts, YAML and overrides).
+:mod:`~owl2.config.sweep` (Ray Tune sweeps), :mod:`~owl2.config.ablation` (arms x seeds against a baseline)
+and :mod:`~owl2.config.loading` (dicts, YAML and overrides).
 Import the names from here; the submodules import each other directly.
 
 Plain dataclasses rather than a validation library such as pydantic: with :func:`build` and a handful of
@@ -15,6 +16,7 @@ check helpers the rules stay next to the fields, the error texts (which tests an
 and the dependency list stays as short as the Ray workers' images need.
 """
 
+from owl2.config.ablation import DIRECTIONS, AblationConfig, QuickConfig
 from owl2.config.core import IGNORE_INDEX, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, ConfigError
 from owl2.config.data import DATA_FORMATS, RESIZE_MODES, TEMPLATE_NAMES, DataConfig, SourceConfig
 from owl2.config.experiment import (
@@ -40,6 +42,7 @@ from owl2.config.sweep import DISTRIBUTIONS, SCHEDULERS, SEARCH_ALGORITHMS, Sche
 
 __all__ = [
     "DATA_FORMATS",
+    "DIRECTIONS",
     "DISTRIBUTIONS",
     "EVAL_SUITES",
     "IGNORE_INDEX",
@@ -54,6 +57,7 @@ __all__ = [
     "STRATEGIES",
     "TEMPLATE_NAMES",
     "TRAINABLE_PARTS",
+    "AblationConfig",
     "AbstractorConfig",
     "ConfigError",
     "DataConfig",
@@ -63,6 +67,7 @@ __all__ = [
     "ModelConfig",
     "ModelInitConfig",
     "OptimConfig",
+    "QuickConfig",
     "ResourcesConfig",
     "SchedulerConfig",
     "SourceConfig",

@@ -131,6 +131,11 @@ class FlopModel:
             total = total + self._decoder(text, count, any_images, labelled)
         return total
 
+    def decoder(self, text_tokens: int, images: int) -> Flops:
+        """One row through the decoder layers and the LM head alone (the image towers left out). With nothing
+        trainable (``trainable=()``) that is the forward pass: what the decoder costs a sample at inference."""
+        return self._decoder(text_tokens, images, images > 0, None)
+
     # ------------------------------------------------------------------------------------------ towers
 
     def _vision(self) -> Flops:

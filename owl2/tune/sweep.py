@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import copy
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
@@ -26,6 +27,7 @@ from owl2.config import (
     ConfigError,
     ExperimentConfig,
     SweepConfig,
+    TrackingConfig,
     build,
     load_experiment,
     load_yaml,
@@ -95,14 +97,20 @@ def apply_sample(base: ExperimentConfig, sample: dict[str, Any]) -> ExperimentCo
 
 
 def plan_stages(sweep: SweepConfig, base: ExperimentConfig) -> tuple[list[str], list[str]]:
-    """(stages run once and shared, stages every trial runs).
+    """(stages run once and shared, stages every trial runs), from the swept keys (:func:`split_stages`)."""
+    return split_stages(sweep.space, base)
+
+
+def split_stages(keys: Iterable[str], base: ExperimentConfig) -> tuple[list[str], list[str]]:
+    """(stages no key changes, the stages from the first one a key changes): what trials that differ in ``keys``
+    (dotted experiment keys) can share, and what each must run.
 
     Keys under ``stages.<name>`` only affect that stage and later ones; anything else (the model's
     architecture, resources) affects every stage, so trials then run the whole pipeline.
     """
     order = list(base.stages)
     first = len(order)
-    for key in sweep.space:
+    for key in keys:
         parts = key.split(".")
         first = min(first, order.index(parts[1]) if parts[0] == "stages" and parts[1] in order else 0)
     return order[:first], order[first:]
@@ -121,17 +129,42 @@ def _param_space(sweep: SweepConfig) -> dict[str, Any]:
     return {key: makers[kind](values) for key, spec in sweep.space.items() for kind, values in spec.items()}
 
 
-def _trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
-    """One trial: the base experiment with the sampled values, run as Ray Train runs (``TorchTrainer``)."""
+class Trials(Protocol):
+    """What every trial of a Tuner shares: the stages a trial runs, the MLflow run it nests under, and how the
+    trial's Tune config becomes its experiment (with the extra params its MLflow run gets)."""
+
+    stages: list[str]
+    parent_run_id: str
+
+    def experiment(self, config: dict[str, Any], trial_id: str) -> tuple[ExperimentConfig, dict[str, Any]]: ...
+
+
+@dataclass
+class SweepTrials:
+    """A sweep's trials: the base experiment with the sampled values, starting from the shared stages' checkpoint."""
+
+    name: str
+    base: dict[str, Any]
+    stages: list[str]
+    parent_run_id: str
+    keys: list[str]
+    shared_checkpoint: str | None
+
+    def experiment(self, config: dict[str, Any], trial_id: str) -> tuple[ExperimentConfig, dict[str, Any]]:
+        experiment = apply_sample(build(ExperimentConfig, self.base), config)
+        experiment.name = f"{self.name}-{trial_id}"
+        if self.shared_checkpoint:
+            experiment.stages[self.stages[0]].init_from = self.shared_checkpoint
+        return experiment, {"sweep": {key: config[key] for key in self.keys}}
+
+
+def _trial(config: dict[str, Any], trials: Trials) -> None:
+    """One trial: its experiment (``trials.experiment``), run as Ray Train runs (``TorchTrainer``)."""
     import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    base = build(ExperimentConfig, setup["base"])
-    experiment = apply_sample(base, config)
-    experiment.name = f"{setup['sweep']}-{tune.get_context().get_trial_id()}"
-    if setup["shared_checkpoint"]:
-        experiment.stages[setup["trial_stages"][0]].init_from = setup["shared_checkpoint"]
+    experiment, params = trials.experiment(config, tune.get_context().get_trial_id())
     # Ray: the trial runs in a placement group that captures child tasks, and Train V2 passes that on to its
     # workers, whose Ray Data tasks (1 CPU each) then no longer fit their worker's bundle. Started from a task
     # that leaves the placement group, Train behaves as outside Tune. The task fate-shares with the trial, so
@@ -140,9 +173,9 @@ def _trial(config: dict[str, Any], setup: dict[str, Any]) -> None:
     ray.get(
         leave_placement_group(_run_trial).remote(
             experiment,
-            setup["trial_stages"],
-            setup["parent_run_id"],
-            {"sweep": {key: config[key] for key in setup["keys"]}},
+            trials.stages,
+            trials.parent_run_id,
+            params,
             TuneReportCallback(),  # Ray: forward Train reports to Tune (built here, in the Tune session)
         )
     )
@@ -163,26 +196,75 @@ def _run_trial(
     )
 
 
-def run_sweep(sweep: SweepConfig, base: ExperimentConfig) -> list[TrialSummary]:
-    """Run (or resume) the sweep; returns the trials ranked by their best metric."""
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
+def prepare(base: ExperimentConfig, storage_path: str, tracking: TrackingConfig) -> tuple[ExperimentConfig, Any]:
+    """The base experiment made ready for trials: local paths absolute, the sweep's ``storage_path`` and
+    ``tracking`` in place of its own; Ray started; the tracker of that store."""
     from owl2.runtime import ensure_ray
-    from owl2.stall import StallWatchdog
-    from owl2.tracking import Tracker, resolve_tracking_uri, run_tags
-    from owl2.train.progress import say
-    from owl2.train.trainer import resolve_paths, run_experiment
+    from owl2.tracking import Tracker, resolve_tracking_uri
+    from owl2.train.trainer import resolve_paths
 
     base = resolve_paths(copy.deepcopy(base))
-    storage = (
-        str(Path(sweep.storage_path).expanduser().resolve()) if "://" not in sweep.storage_path else sweep.storage_path
-    )
-    base.storage_path = storage
+    base.storage_path = str(Path(storage_path).expanduser().resolve()) if "://" not in storage_path else storage_path
     ensure_ray()
-    tracker = Tracker(resolve_tracking_uri(sweep.tracking, storage))
-    base.tracking = copy.deepcopy(sweep.tracking)
+    tracker = Tracker(resolve_tracking_uri(tracking, base.storage_path))
+    base.tracking = copy.deepcopy(tracking)
     base.tracking.tracking_uri = tracker.tracking_uri
+    return base, tracker
+
+
+def run_shared(experiment: ExperimentConfig, stages: list[str], name: str, parent_run_id: str) -> str:
+    """Run ``stages`` of ``experiment`` once, as the run ``name`` under ``parent_run_id``; the last checkpoint."""
+    from owl2.train.trainer import run_experiment
+
+    shared = copy.deepcopy(experiment)
+    shared.name = name
+    return run_experiment(shared, stages=stages, parent_run_id=parent_run_id, progress=False)[-1].checkpoint.path
+
+
+def fit_trials(
+    trials: Trials,
+    name: str,
+    storage: str,
+    param_space: dict[str, Any],
+    tune_config: dict[str, Any],
+    max_failures: int,
+    stall_warning_s: float,
+) -> Any:
+    """Run (or resume, with errored trials retried) the Tuner ``name`` under ``storage``: one trial per sample of
+    ``param_space``, each an owl2 experiment (``trials``). ``tune_config``: ``tune.TuneConfig``'s arguments.
+    Returns Tune's ``ResultGrid``."""
+    from ray import tune
+
+    from owl2.stall import StallWatchdog
+    from owl2.train.progress import say
+
+    # The trial function only waits on its TorchTrainer: it must hold no CPU, or it would starve the training
+    # workers and their data tasks (whole CPUs). Tune refuses an empty request, so ask for a little memory.
+    trainable = tune.with_resources(tune.with_parameters(_trial, trials=trials), {"memory": 64 * 1024**2})
+    path = f"{storage.rstrip('/')}/{name}"
+    if tune.Tuner.can_restore(path):
+        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space=param_space,
+            # The trial's folder is its id (a sweep's trial's MLflow run is named after it).
+            tune_config=tune.TuneConfig(**tune_config, trial_dirname_creator=lambda trial: trial.trial_id),
+            run_config=tune.RunConfig(  # Ray
+                name=name, storage_path=storage, failure_config=tune.FailureConfig(max_failures=max_failures)
+            ),
+        )
+    with StallWatchdog(stall_warning_s, say):
+        return tuner.fit()  # Ray
+
+
+def run_sweep(sweep: SweepConfig, base: ExperimentConfig) -> list[TrialSummary]:
+    """Run (or resume) the sweep; returns the trials ranked by their best metric."""
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    from owl2.tracking import run_tags
+
+    base, tracker = prepare(base, sweep.storage_path, sweep.tracking)
     sweep_yaml = yaml.safe_dump(to_dict(sweep), sort_keys=False)
     parent = tracker.start_run(
         sweep.name, sweep.tracking.experiment, tags=run_tags(None, sweep_yaml, None), resume=True
@@ -191,61 +273,37 @@ def run_sweep(sweep: SweepConfig, base: ExperimentConfig) -> list[TrialSummary]:
     tracker.log_text(parent, sweep_yaml, "sweep.yaml")
 
     shared, trial_stages = plan_stages(sweep, base)
-    shared_checkpoint = None
-    if shared:
-        shared_run = copy.deepcopy(base)
-        shared_run.name = f"{sweep.name}-shared"
-        results = run_experiment(shared_run, stages=shared, parent_run_id=parent, progress=False)
-        shared_checkpoint = results[-1].checkpoint.path
-
-    setup = {
-        "base": to_dict(base),
-        "sweep": sweep.name,
-        "trial_stages": trial_stages,
-        "shared_checkpoint": shared_checkpoint,
-        "parent_run_id": parent,
-        "keys": list(sweep.space),
+    shared_checkpoint = run_shared(base, shared, f"{sweep.name}-shared", parent) if shared else None
+    trials = SweepTrials(sweep.name, to_dict(base), trial_stages, parent, list(sweep.space), shared_checkpoint)
+    scheduler = (
+        ASHAScheduler(
+            time_attr="training_iteration",
+            grace_period=sweep.scheduler.grace_period,
+            reduction_factor=sweep.scheduler.reduction_factor,
+            max_t=sweep.scheduler.max_t,
+        )
+        if sweep.scheduler.type == "asha"
+        else FIFOScheduler()
+    )
+    tune_config = {
+        "metric": sweep.metric,
+        "mode": sweep.mode,
+        "scheduler": scheduler,
+        "search_alg": _search_algorithm(sweep),
+        "num_samples": sweep.num_samples,
+        "max_concurrent_trials": sweep.max_concurrent_trials,
     }
-    # The trial function only waits on its TorchTrainer: it must hold no CPU, or it would starve the training
-    # workers and their data tasks (whole CPUs). Tune refuses an empty request, so ask for a little memory.
-    trainable = tune.with_resources(tune.with_parameters(_trial, setup=setup), {"memory": 64 * 1024**2})
-    path = f"{storage.rstrip('/')}/{sweep.name}"
-    if tune.Tuner.can_restore(path):
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-    else:
-        scheduler = (
-            ASHAScheduler(
-                time_attr="training_iteration",
-                grace_period=sweep.scheduler.grace_period,
-                reduction_factor=sweep.scheduler.reduction_factor,
-                max_t=sweep.scheduler.max_t,
-            )
-            if sweep.scheduler.type == "asha"
-            else FIFOScheduler()
-        )
-        tuner = tune.Tuner(
-            trainable,
-            param_space=_param_space(sweep),
-            tune_config=tune.TuneConfig(
-                metric=sweep.metric,
-                mode=sweep.mode,
-                scheduler=scheduler,
-                search_alg=_search_algorithm(sweep),
-                num_samples=sweep.num_samples,
-                max_concurrent_trials=sweep.max_concurrent_trials,
-                # The trial's folder is its id, which also names its MLflow run (see _trial).
-                trial_dirname_creator=lambda trial: trial.trial_id,
-            ),
-            run_config=tune.RunConfig(  # Ray
-                name=sweep.name,
-                storage_path=storage,
-                failure_config=tune.FailureConfig(max_failures=sweep.trial_max_failures),
-            ),
-        )
-    with StallWatchdog(base.resources.stall_warning_s, say):
-        grid = tuner.fit()  # Ray
+    grid = fit_trials(
+        trials,
+        sweep.name,
+        base.storage_path,
+        _param_space(sweep),
+        tune_config,
+        sweep.trial_max_failures,
+        base.resources.stall_warning_s,
+    )
     summaries = _summarise(grid, sweep, base)
-    _record(tracker, parent, sweep, base, summaries, path)
+    _record(tracker, parent, sweep, base, summaries, f"{base.storage_path.rstrip('/')}/{sweep.name}")
     return summaries
 
 
@@ -287,6 +345,17 @@ def _summarise(grid: Any, sweep: SweepConfig, base: ExperimentConfig) -> list[Tr
     return summaries
 
 
+def end_trial_run(tracker: Any, experiment: str, run_id: str, base: ExperimentConfig, stopped: bool) -> None:
+    """End a trial's MLflow run that Tune stopped (KILLED) or that failed (FAILED), and the stage run that was
+    training then, which never ended itself."""
+    status = "KILLED" if stopped else "FAILED"
+    for stage in base.stages:
+        stage_run = tracker.find_run(experiment, stage, run_id)
+        if stage_run and tracker.client.get_run(stage_run).info.status == "RUNNING":
+            tracker.end_run(stage_run, status)
+    tracker.end_run(run_id, status)
+
+
 def _record(
     tracker: Any, parent: str, sweep: SweepConfig, base: ExperimentConfig, summaries: list[TrialSummary], path: str
 ) -> None:
@@ -309,13 +378,7 @@ def _record(
             if summary.metric is not None:
                 tracker.log_metrics(run_id, {f"best_{sweep.metric}": summary.metric}, step=0)
             if summary.stopped_early or summary.status == "ERROR":
-                # The stage run that was training when Tune stopped the trial never ended itself.
-                status = "KILLED" if summary.stopped_early else "FAILED"
-                for stage in base.stages:
-                    stage_run = tracker.find_run(sweep.tracking.experiment, stage, run_id)
-                    if stage_run and tracker.client.get_run(stage_run).info.status == "RUNNING":
-                        tracker.end_run(stage_run, status)
-                tracker.end_run(run_id, status)
+                end_trial_run(tracker, sweep.tracking.experiment, run_id, base, summary.stopped_early)
     ranked = [s for s in summaries if s.metric is not None and s.status != "ERROR"]
     if ranked:
         best = apply_sample(base, ranked[0].values)
