@@ -72,7 +72,8 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _add_run_commands(commands: Any) -> None:
-    """``train``, ``demo`` and ``sweep``: the commands that run Ray Train (their options are shared with ray_jobs/)."""
+    """``train``, ``demo``, ``sweep`` and ``ablate``: the commands that run Ray Train (their options are shared with
+    ray_jobs/)."""
     train = commands.add_parser("train", help="run an experiment's training stages on Ray Train")
     add_train_arguments(train)
     train.set_defaults(handler=run_train)
@@ -92,6 +93,12 @@ def _add_run_commands(commands: Any) -> None:
     sweep = commands.add_parser("sweep", help="run a Ray Tune sweep whose trials are training runs")
     add_sweep_arguments(sweep)
     sweep.set_defaults(handler=run_sweep_command)
+
+    ablate = commands.add_parser(
+        "ablate", help="run an ablation (arms x seeds as Ray Tune trials) and write its report against a baseline"
+    )
+    add_ablate_arguments(ablate)
+    ablate.set_defaults(handler=run_ablate_command)
 
 
 def _add_model_commands(commands: Any) -> None:
@@ -265,6 +272,26 @@ def run_sweep_command(args: argparse.Namespace) -> int:
     sweep, base = load_sweep(args.config, list(args.overrides))
     summaries = run_sweep(sweep, base)
     return 0 if any(summary.status != "ERROR" for summary in summaries) else 1
+
+
+def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``owl2 ablate``, shared with ``ray_jobs/ablate.py``."""
+    parser.add_argument("--config", required=True, help="ablation YAML, e.g. experiments/ablations/vision_lr.yaml")
+    parser.add_argument(
+        "--quick", action="store_true", help="the ablation's quick version (its quick section: fewer steps and seeds)"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="ablation overrides, e.g. seeds=[0,1,2,3]")
+
+
+def run_ablate_command(args: argparse.Namespace) -> int:
+    """Exit status 1 when a trial failed (the report then counts the trials that finished)."""
+    from owl2.ablate.run import load_ablation, run_ablation
+
+    ablation, base = load_ablation(args.config, list(args.overrides), quick=args.quick)
+    outcome = run_ablation(ablation, base)
+    for trial in outcome.report.failed:
+        print(f"owl2: trial {trial.arm} seed {trial.seed} failed; the report leaves it out", file=sys.stderr)
+    return RUN_FAILED if outcome.report.failed else 0
 
 
 DTYPES = {"float32": "float32", "bfloat16": "bfloat16", "float16": "float16"}

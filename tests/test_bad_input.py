@@ -14,6 +14,7 @@ from owl2.cli import main
 REPO = Path(__file__).resolve().parents[1]
 PIPELINE = str(REPO / "experiments" / "tiny_cpu" / "pipeline.yaml")
 SWEEP = str(REPO / "experiments" / "sweeps" / "tiny_cpu.yaml")
+ABLATION = str(REPO / "experiments" / "ablations" / "vision_lr.yaml")
 
 
 def _bad_files(root: Path) -> Path:
@@ -69,6 +70,20 @@ CASES = [
     (["sweep", "--config", SWEEP, "metric=accuracy"], "sweep metric 'accuracy'"),
     (["sweep", "--config", SWEEP, "mode=up"], "sweep mode 'up'"),
     (["sweep", "--config", SWEEP, "num_samples=0"], "sweep num_samples"),
+    # owl2 ablate
+    (["ablate", "--config", "{bad}/nothere.yaml"], "nothere.yaml does not exist"),
+    (["ablate", "--config", "{bad}/sweep_field.yaml"], "unknown field(s) ['ablation.base']"),
+    (["ablate", "--config", ABLATION, "baseline=nope"], "baseline 'nope' is not one of the arms"),
+    (["ablate", "--config", ABLATION, "seeds=[0]"], "seeds must name at least two seeds"),
+    (["ablate", "--config", ABLATION, "--quick", "quick.seeds=[3]"], "quick.seeds must name at least two seeds"),
+    (["ablate", "--config", ABLATION, "arms.frozen=[stages.stage2.optim.lrr=1]"], "arms.frozen does not fit"),
+    (["ablate", "--config", ABLATION, "metrics.accuracy=max"], "metrics.accuracy is not reported by training"),
+    (["ablate", "--config", ABLATION, "metrics.val_loss=up"], "metrics.val_loss 'up' must be one of"),
+    # owl2 ablate: the data of every arm is checked on the driver, before Ray
+    (
+        ["ablate", "--config", ABLATION, "overrides=[stages.stage2.data.tokenizer=/nope]"],
+        "stages.stage2.data.tokenizer",
+    ),
     # owl2 demo
     (["demo", "stages.stage1.max_steps=0"], "stages.stage1.max_steps must be positive"),
     (["demo", "--out", "/proc/owl2-demo"], "--out /proc/owl2-demo: cannot create it"),
@@ -151,6 +166,7 @@ def test_bad_input_is_one_line_with_exit_status_2(
     [
         ("train.py", ["--config", "/nope.yaml"], "config file /nope.yaml does not exist"),
         ("sweep.py", ["--config", SWEEP, "mode=up"], "sweep mode 'up'"),
+        ("ablate.py", ["--config", ABLATION, "seeds=[1]"], "seeds must name at least two seeds"),
         ("demo.py", ["stages.stage1.max_steps=0"], "stages.stage1.max_steps"),
     ],
 )

@@ -21,7 +21,7 @@ def test_every_yaml_is_a_pipeline_or_a_stage_a_pipeline_uses():
     orphans = [
         path
         for path in ALL_YAML
-        if path not in PIPELINES and path not in used and not path.is_relative_to(EXPERIMENTS / "sweeps")
+        if path not in PIPELINES and path not in used and not {"sweeps", "ablations"} & set(path.parts)
     ]
     assert not orphans, f"YAML files no loader validates: {orphans}"
     assert {"tiny_cpu", "owl2_7b"} <= {path.parent.name for path in PIPELINES}
@@ -43,7 +43,7 @@ def test_pipeline_validates(path):
 
 @pytest.mark.parametrize(
     "path",
-    [p for p in ALL_YAML if p not in PIPELINES and "sweeps" not in p.parts],
+    [p for p in ALL_YAML if p not in PIPELINES and not {"sweeps", "ablations"} & set(p.parts)],
     ids=lambda p: str(p.relative_to(EXPERIMENTS)),
 )
 def test_stage_file_validates_alone(path):
@@ -78,6 +78,28 @@ def test_sweep_validates_with_its_base_experiment(path):
 
     sweep, base = load_sweep(path)
     assert sweep.space and base.stages
+
+
+ABLATIONS = sorted(EXPERIMENTS.rglob("ablations/*.yaml"))
+
+
+@pytest.mark.parametrize("path", ABLATIONS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
+def test_ablation_validates_with_its_base_experiment(path):
+    from owl2.ablate.run import load_ablation
+
+    ablation, base = load_ablation(path)
+    quick, quick_base = load_ablation(path, quick=True)
+    assert len(ablation.seeds) >= 3 and len(quick.seeds) >= 2 and quick.name == f"{ablation.name}-quick"
+    assert sum(stage.max_steps for stage in quick_base.stages.values()) < sum(
+        stage.max_steps for stage in base.stages.values()
+    )
+    assert "Expected" in path.read_text()  # each documents its expected running time
+
+
+def test_every_shipped_ablation_has_a_cpu_and_a_7b_version():
+    names = {path.stem for path in ABLATIONS if path.parent == EXPERIMENTS / "ablations"}
+    assert names == {"modality_adaptive", "abstractor", "vision_lr"}
+    assert names == {path.stem for path in ABLATIONS if path.parent == EXPERIMENTS / "owl2_7b" / "ablations"}
 
 
 def test_sweep_keys_are_checked_against_the_experiment(tmp_path):

@@ -57,6 +57,16 @@ def resolve_paths(experiment: ExperimentConfig, base: Path | None = None) -> Exp
     return experiment
 
 
+def preflight(experiment: ExperimentConfig, stages: list[str] | None = None) -> None:
+    """The driver's checks of ``stages`` (default: all) that need no Ray: local data paths, tokenizers, the memory
+    plan, ``init_from`` folders and eval suites; each raises a one-line :class:`ConfigError`."""
+    check_stage_data(experiment, stages)
+    check_tokenizers(experiment)
+    check_memory_plan(experiment, stages)
+    check_init_from(experiment, stages)
+    check_evals(experiment, stages)
+
+
 def check_stage_data(experiment: ExperimentConfig, stages: list[str] | None = None) -> None:
     """Every local data path, image root and tokenizer a stage names must exist: checked before Ray starts."""
     from owl2.data.preflight import check_data
@@ -156,11 +166,7 @@ def run_experiment(
     unknown = [name for name in stages or [] if name not in experiment.stages]
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}; the experiment defines {list(experiment.stages)}")
-    check_stage_data(experiment, stages)
-    check_tokenizers(experiment)
-    check_memory_plan(experiment, stages)
-    check_init_from(experiment, stages)
-    check_evals(experiment, stages)
+    preflight(experiment, stages)
     ensure_ray()
 
     config_yaml = experiment_yaml(experiment)
