@@ -153,31 +153,42 @@ def trial_name(ablation: str, arm: str, seed: int) -> str:
 
 def run_ablation(ablation: AblationConfig, base: ExperimentConfig) -> AblationOutcome:
     """Run (or resume) every arm at every seed, then write and log the report."""
-    from ray import tune
-
     from owl2.tracking import run_tags
     from owl2.train.trainer import preflight
-    from owl2.tune.sweep import end_trial_run, fit_trials, prepare, run_shared, split_stages
+    from owl2.tune.sweep import prepare
 
     for arm in ablation.arms:  # data, tokenizers, memory plan, eval suites: before Ray starts
         preflight(arm_experiment(base, ablation, arm, ablation.seeds[0]))
     base, tracker = prepare(base, ablation.storage_path, ablation.tracking)
     ablation_yaml = yaml.safe_dump(to_dict(ablation), sort_keys=False)
-    experiment_name = ablation.tracking.experiment
-    parent = tracker.start_run(ablation.name, experiment_name, tags=run_tags(None, ablation_yaml, None), resume=True)
+    parent = tracker.start_run(
+        ablation.name, ablation.tracking.experiment, tags=run_tags(None, ablation_yaml, None), resume=True
+    )
     tracker.log_params(parent, {"ablation": to_dict(ablation)})
     tracker.log_text(parent, ablation_yaml, "ablation.yaml")
+    try:
+        report = _run_trials(ablation, base, tracker, parent)
+        folder = report_folder(ablation, base.storage_path)
+        for path in write_report(report, folder):
+            tracker.client.log_artifact(parent, str(path))
+        tracker.log_metrics(parent, headline_metrics(report), step=0)
+    except BaseException:
+        tracker.end_run(parent, "FAILED")
+        raise
+    tracker.end_run(parent, "FINISHED")
+    print(f"{text_summary(report)}\n\nreport: {folder / REPORT_FILE} (and on MLflow run {parent})", flush=True)
+    return AblationOutcome(report, folder)
+
+
+def _run_trials(ablation: AblationConfig, base: ExperimentConfig, tracker: Any, parent: str) -> AblationReport:
+    """The shared stages per seed, then the trials on Tune; the report of what they reached."""
+    from ray import tune
+
+    from owl2.tune.sweep import end_trial_run, fit_trials, split_stages
 
     keys = [key for overrides in ablation.arms.values() for key in arm_keys(overrides)]
     shared, trial_stages = split_stages(keys, base)
-    checkpoints: dict[int, str] = {}
-    shared_wall_s = []
-    for seed in ablation.seeds if shared else []:
-        start = time.perf_counter()
-        shared_run = seeded(base, [], seed)  # the arms do not differ in these stages
-        checkpoints[seed] = run_shared(shared_run, shared, f"{ablation.name}-shared-seed{seed}", parent)
-        shared_wall_s.append(time.perf_counter() - start)
-
+    checkpoints, shared_wall_s = _run_shared_stages(ablation, base, shared, parent) if shared else ({}, [])
     trials = AblationTrials(ablation.name, to_dict(base), ablation, trial_stages, parent, checkpoints)
     grid = fit_trials(
         trials,
@@ -189,16 +200,16 @@ def run_ablation(ablation: AblationConfig, base: ExperimentConfig) -> AblationOu
         base.resources.stall_warning_s,
     )
     results, histories = _collect(grid, ablation, base)
+    experiment = ablation.tracking.experiment
     for result in results:
-        run_id = tracker.find_run(experiment_name, trial_name(ablation.name, result.arm, result.seed), parent)
+        run_id = tracker.find_run(experiment, trial_name(ablation.name, result.arm, result.seed), parent)
         if result.error is not None and run_id:
-            end_trial_run(tracker, experiment_name, run_id, base, stopped=False)
-
+            end_trial_run(tracker, experiment, run_id, base, stopped=False)
     costs = {
         arm: arm_cost(arm_experiment(base, ablation, arm, ablation.seeds[0]), histories.get(arm, []))
         for arm in ablation.arms
     }
-    report = build_report(
+    return build_report(
         name=ablation.name,
         experiment=ablation.experiment,
         arms=ablation.arms,
@@ -211,13 +222,44 @@ def run_ablation(ablation: AblationConfig, base: ExperimentConfig) -> AblationOu
         shared_wall_s=shared_wall_s,
         confidence=ablation.confidence,
     )
-    folder = report_folder(ablation, base.storage_path)
-    for path in write_report(report, folder):
-        tracker.client.log_artifact(parent, str(path))
-    tracker.log_metrics(parent, headline_metrics(report), step=0)
-    tracker.end_run(parent, "FINISHED")
-    print(f"{text_summary(report)}\n\nreport: {folder / REPORT_FILE} (and on MLflow run {parent})", flush=True)
-    return AblationOutcome(report, folder)
+
+
+def _run_shared_stages(
+    ablation: AblationConfig, base: ExperimentConfig, stages: list[str], parent_run_id: str
+) -> tuple[dict[int, str], list[float]]:
+    """The stages no arm changes, once per seed, as Ray tasks (``max_concurrent_trials`` at once, like the trials):
+    the last checkpoint of each seed and the seconds each took."""
+    import ray
+
+    from owl2.train.progress import say
+
+    run = ray.remote(num_cpus=0, max_retries=0)(_timed_shared_run)  # waits on its TorchTrainers only
+    waiting, running = list(ablation.seeds), dict[Any, int]()
+    checkpoints: dict[int, str] = {}
+    seconds: list[float] = []
+    say(f"[ablate] {ablation.name}: {', '.join(stages)} once per seed ({len(waiting)} seeds), shared by every arm")
+    while waiting or running:
+        while waiting and len(running) < ablation.max_concurrent_trials:
+            seed = waiting.pop(0)
+            # The arms do not differ in these stages: the base at the seed is every arm's.
+            name = f"{ablation.name}-shared-seed{seed}"
+            running[run.remote(seeded(base, [], seed), stages, name, parent_run_id)] = seed
+        (done,), _ = ray.wait(list(running), num_returns=1)
+        seed = running.pop(done)
+        checkpoints[seed], took = ray.get(done)
+        seconds.append(took)
+        say(f"[ablate] seed {seed}: {', '.join(stages)} done in {took:.0f} s")
+    return checkpoints, seconds
+
+
+def _timed_shared_run(
+    experiment: ExperimentConfig, stages: list[str], name: str, parent_run_id: str
+) -> tuple[str, float]:
+    from owl2.tune.sweep import run_shared
+
+    start = time.perf_counter()
+    checkpoint = run_shared(experiment, stages, name, parent_run_id)
+    return checkpoint, time.perf_counter() - start
 
 
 def report_folder(ablation: AblationConfig, storage: str) -> Path:
@@ -234,13 +276,14 @@ def _collect(
 ) -> tuple[list[TrialResult], dict[str, list[Any]]]:
     """Each trial's final metrics and wall time (a trial that failed or stopped before its last stage's last step
     reports no metric), and per arm the report histories of its finished trials (for the token counts)."""
-    last_index, last_stage = len(base.stages) - 1, base.stages[list(base.stages)[-1]]
+    last = list(base.stages)[-1]
     results: list[TrialResult] = []
     histories: dict[str, list[Any]] = {}
     for result in grid:
         arm, seed = result.config["arm"], result.config["seed"]
         metrics = result.metrics or {}
-        finished = metrics.get("stage_index") == last_index and metrics.get("step") == last_stage.max_steps
+        steps = arm_experiment(base, ablation, arm, seed).stages[last].max_steps  # an arm may change it
+        finished = metrics.get("stage_index") == len(base.stages) - 1 and metrics.get("step") == steps
         error = None
         if result.error is not None or not finished:
             error = str(result.error)[-2000:] if result.error is not None else "stopped before the last step"
