@@ -80,10 +80,7 @@ CASES = [
     (["ablate", "--config", ABLATION, "metrics.accuracy=max"], "metrics.accuracy is not reported by training"),
     (["ablate", "--config", ABLATION, "metrics.val_loss=up"], "metrics.val_loss 'up' must be one of"),
     # owl2 ablate: the data of every arm is checked on the driver, before Ray
-    (
-        ["ablate", "--config", ABLATION, "overrides=[stages.stage2.data.tokenizer=/nope]"],
-        "stages.stage2.data.tokenizer",
-    ),
+    (["ablate", "--config", ABLATION, "arms.frozen=[stages.stage2.data.tokenizer=/nope]"], "data.tokenizer /nope"),
     # owl2 demo
     (["demo", "stages.stage1.max_steps=0"], "stages.stage1.max_steps must be positive"),
     (["demo", "--out", "/proc/owl2-demo"], "--out /proc/owl2-demo: cannot create it"),
