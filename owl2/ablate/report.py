@@ -26,8 +26,8 @@ FLOPS_PLOT = "headline_vs_flops.png"
 
 @dataclass
 class TrialResult:
-    """One trial (an arm at a seed): the reported metrics it ended with (a failed trial: what it reached, if
-    anything) and its wall time."""
+    """One trial (an arm at a seed): the metrics of its last stage's final report (none when it failed or stopped
+    short: a partial run is no replicate), its wall time, and for a failed trial the error."""
 
     arm: str
     seed: int
