@@ -2,6 +2,7 @@
 
 import base64
 import csv
+import dataclasses
 import io
 import json
 import re
@@ -356,11 +357,15 @@ def _stage_with_eval(world, **eval_section):
 
 
 def test_checkpoint_eval_scores_the_shapes_suite_and_restores_train_mode(world, checkpoint, tmp_path):
-    from owl2.train.evaluate import CheckpointEval
+    from owl2.train.evaluate import CheckpointEval, eval_due
 
     # No eval.data: the world is the one whose tokenizer the stage trains with, as `owl2 eval` finds it.
-    evaluator = CheckpointEval(_stage_with_eval(world, every=4))
+    stage = _stage_with_eval(world, every=4)
+    evaluator = CheckpointEval(stage)
     assert [step for step in range(1, 11) if evaluator.due(step)] == [4, 8, 10]
+    # The other ranks ask the stage itself (they have no evaluator); a stage without an eval section never evaluates.
+    assert [step for step in range(1, 11) if eval_due(stage, step)] == [4, 8, 10]
+    assert not any(eval_due(dataclasses.replace(stage, eval=None), step) for step in range(1, 11))
     model = Owl2ForCausalLM.from_pretrained(checkpoint)
     model.train()
     outcome = evaluator.run(model, step=4)

@@ -42,6 +42,15 @@ class EvalOutcome:
         return self.suite.table(self.rows, title)
 
 
+def eval_due(stage: StageConfig, step: int) -> bool:
+    """Whether the checkpoint of ``step`` evaluates: with an eval section, multiples of ``eval.every`` and always
+    the stage's last step. Every rank can ask: the others wait for rank 0's evaluation."""
+    if stage.eval is None:
+        return False
+    every = stage.eval.every
+    return step == stage.max_steps or every is None or step % every == 0
+
+
 class CheckpointEval:
     """A stage's ``eval`` section: which steps evaluate, the suite's items (read once) and one evaluation."""
 
@@ -62,9 +71,8 @@ class CheckpointEval:
         self._tokenizer: Any = None
 
     def due(self, step: int) -> bool:
-        """Whether the checkpoint of ``step`` evaluates: multiples of ``every``, and always the stage's last step."""
-        every = self.config.every
-        return step == self.stage.max_steps or every is None or step % every == 0
+        """Whether the checkpoint of ``step`` evaluates (:func:`eval_due`)."""
+        return eval_due(self.stage, step)
 
     def suite(self) -> Suite:
         """The suite on its first ``limit`` items (per split), read on first use; local images must exist."""

@@ -1,9 +1,9 @@
 """Fault injection for tests: the one seam through which a test makes a training worker die.
 
 A test writes a fault plan next to the runs (``write_plan(storage_path, [Fault(...)])``); each worker reads
-it once when its stage starts and calls :meth:`FaultPlan.fire` at named points of the loop. A fault fires
-once: it leaves a marker file, so the restarted worker goes on. Without a plan file nothing happens, and no
-production signature carries anything for tests.
+it once when its stage starts and calls :meth:`FaultPlan.fire` at named points of the loop (:data:`POINTS`). A
+fault fires once: it leaves a marker file, so the restarted worker goes on. Without a plan file nothing happens,
+and no production signature carries anything for tests.
 """
 
 from __future__ import annotations
@@ -11,11 +11,27 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 PLAN_FILE = "owl2-faults.json"
-POINTS = ("after_checkpoint",)
+POINTS = ("mid_step", "during_eval", "during_save", "after_checkpoint", "after_report")
+"""Where a worker can die, in the order a step passes them (``step`` is the step in progress, counted as it
+will be once done):
+
+* ``mid_step``: right after the step's last micro-batch was taken from the data stream: the earlier
+  micro-batches' forward and backward are done, the step's data is consumed, the update is not;
+* ``during_eval``: at a checkpoint that evaluates, rank 0 after its evaluation and before its scores are
+  reported; the other ranks at the same point of the loop, while rank 0 evaluates;
+* ``during_save``: after the checkpoint's gathers and rank 0's write into its scratch folder, before
+  ``ray.train.report`` hands the checkpoint to Ray Train;
+* ``after_checkpoint``: after the checkpoint's report returned;
+* ``after_report``: after the report of a logging step that does not checkpoint returned.
+"""
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -44,14 +60,37 @@ class FaultPlan:
         faults = [Fault(**entry) for entry in json.loads(path.read_text())]
         return cls([fault for fault in faults if fault.run == run])
 
+    def due(self, point: str, step: int, rank: int) -> Fault | None:
+        """The unspent fault planned at ``point`` of ``step`` on ``rank``, if any."""
+        for fault in self.faults:
+            if (fault.point, fault.step, fault.rank) == (point, step, rank) and not os.path.exists(fault.marker):
+                return fault
+        return None
+
     def fire(self, point: str, step: int, rank: int) -> None:
         """Die here, as a worker killed by the OS would, if a fault is due at this point."""
-        for fault in self.faults:
-            due = (fault.point, fault.step, fault.rank) == (point, step, rank)
-            if due and not os.path.exists(fault.marker):
-                Path(fault.marker).touch()
-                time.sleep(fault.delay_s)
-                os._exit(1)
+        fault = self.due(point, step, rank)
+        if fault is not None:
+            Path(fault.marker).touch()
+            time.sleep(fault.delay_s)
+            os._exit(1)
+
+    def mid_step(self, take: Callable[[], T], step: int, rank: int, micro_batches: int) -> Callable[[], T]:
+        """``take`` (the data stream's next batch) for the ``micro_batches`` batches of ``step``, firing
+        ``mid_step`` right after the last one is taken; ``take`` itself when no such fault is due."""
+        if self.due("mid_step", step, rank) is None:
+            return take
+        taken = 0
+
+        def take_then_fire() -> T:
+            nonlocal taken
+            batch = take()
+            taken += 1
+            if taken == micro_batches:
+                self.fire("mid_step", step, rank)
+            return batch
+
+        return take_then_fire
 
 
 def write_plan(storage_path: str | Path, faults: list[Fault]) -> Path:

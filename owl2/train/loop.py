@@ -33,7 +33,7 @@ from owl2.plan.flops import FlopModel
 from owl2.plan.gpus import peak_tflops
 from owl2.train import checkpoint as ckpt
 from owl2.train import parallel
-from owl2.train.evaluate import CheckpointEval, log_outcome
+from owl2.train.evaluate import CheckpointEval, eval_due, log_outcome
 from owl2.train.faults import FaultPlan
 from owl2.train.job import StageJob
 from owl2.train.optim import (
@@ -262,7 +262,8 @@ class StageRun:
     def train_step(self) -> None:
         """Forward and backward over ``accumulation`` micro-batches, then clip and step, or skip the update if
         the gradient norm is not finite (the same decision on every rank). Never waits for the device."""
-        self.stepper.run(self.data.next, self.window, self.flop_model)
+        take = self.faults.mid_step(self.data.next, self.state.step + 1, self.rank, self.job.accumulation)
+        self.stepper.run(take, self.window, self.flop_model)
         self.learning_rates = [group["lr"] for group in self.optimizer.param_groups]  # the rates this step used
         self.scheduler.step()  # skipped steps too: the schedule follows the step count
         self.state.step += 1
@@ -286,8 +287,11 @@ class StageRun:
         if self.held_out is not None and (logging or checkpointing):
             # Every report carries val_loss (the last value between evaluations): Tune's schedulers need it.
             metrics = {**(metrics or {"step": step}), "val_loss": self._validate()}
-        if checkpointing and self.evaluator is not None and self.evaluator.due(step):
+        evaluating = checkpointing and eval_due(stage, step)
+        if evaluating and self.evaluator is not None:  # rank 0's: the other ranks go on to the checkpoint
             metrics = {**(metrics or {"step": step}), **self._evaluate()}
+        if evaluating:
+            self.faults.fire("during_eval", step, self.rank)
         if metrics is not None:
             metrics["stage_index"] = self.job.stage_index
         if checkpointing:
@@ -295,6 +299,7 @@ class StageRun:
             self.faults.fire("after_checkpoint", step, self.rank)
         elif metrics is not None:
             self._report(metrics, None)
+            self.faults.fire("after_report", step, self.rank)
 
     def _window_metrics(self) -> dict[str, float]:
         metrics = window_metrics(
@@ -350,6 +355,7 @@ class StageRun:
                     model_state=model_state,
                 )
                 checkpoint = ray.train.Checkpoint.from_directory(str(folder))
+            self.faults.fire("during_save", self.state.step, self.rank)
             self._report(metrics, checkpoint)
 
     def _report(self, metrics: dict[str, Any], checkpoint: Any) -> None:
