@@ -38,7 +38,7 @@ PARENT_RUN_TAG = "mlflow.parentRunId"
 REDACTED = "***"
 # The MLflow UI shows an experiment either as model training (runs table, metric charts) or as GenAI development
 # (traces, sessions). Its experiment-kind selector keeps the choice in this experiment tag; MLflow 3.18's UI
-# decides by a GenAI / Machine learning switch per browser instead (GenAI unless the link says otherwise, see
+# decides by a GenAI / Model training switch per browser instead (GenAI unless the link says otherwise, see
 # experiment_url), so owl2 sets both where it can.
 EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
 MODEL_TRAINING_KIND = "custom_model_development"
