@@ -42,7 +42,7 @@ def run_demo(
     from owl2.data.world import generate_world
     from owl2.eval.runner import run_eval
     from owl2.eval.suite import Suite
-    from owl2.tracking import resolve_tracking_uri
+    from owl2.tracking import Tracker, experiment_url, resolve_tracking_uri
     from owl2.train.trainer import resolve_paths, run_experiment
 
     start = time.perf_counter()
@@ -70,6 +70,7 @@ def run_demo(
     rows = {row.metric: row for row in evaluation.rows}
     vqa = rows["shapes/vqa/accuracy"]
     tracking_uri = resolve_tracking_uri(experiment.tracking, experiment.storage_path)
+    experiment_id = Tracker(tracking_uri).experiment_id(experiment.tracking.experiment)
     summary = {
         "wall_seconds": round(time.perf_counter() - start, 1),
         "vqa_accuracy": vqa.value,
@@ -89,7 +90,8 @@ def run_demo(
     print(
         f"\n[demo] done in {summary['wall_seconds']:.0f} s; VQA accuracy {summary['vqa_accuracy']:.3f} vs chance "
         f"{summary['vqa_chance']:.3f}; summary in {out / 'summary.json'}\n"
-        f"[demo] browse the runs: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000",
+        f"[demo] browse the runs: mlflow ui --backend-store-uri {tracking_uri} --host 127.0.0.1 --port 5000\n"
+        f"[demo] then open {experiment_url('http://127.0.0.1:5000', experiment_id)}",
         flush=True,
     )
     return summary

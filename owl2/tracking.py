@@ -1,5 +1,6 @@
 """Everything MLflow: where runs are stored, the tracker the driver and the rank-0 worker log through, run tags,
-data fingerprints, and redaction of secrets before anything is logged.
+the headline metrics parent runs repeat from their stage runs, system metrics, data fingerprints, and redaction
+of secrets before anything is logged.
 
 mlflow is imported only when a :class:`Tracker` is made, so importing owl2 stays cheap and processes that
 never log (workers of rank > 0, the CLI) never pay for it.
@@ -18,7 +19,7 @@ import re
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -35,6 +36,22 @@ logger = logging.getLogger(__name__)
 RUN_STATUSES = ("FINISHED", "FAILED", "KILLED")
 PARENT_RUN_TAG = "mlflow.parentRunId"
 REDACTED = "***"
+# The MLflow UI shows an experiment either as model training (runs table, metric charts) or as GenAI development
+# (traces, sessions). Its experiment-kind selector keeps the choice in this experiment tag; MLflow 3.18's UI
+# decides by a GenAI / Model training switch per browser instead (GenAI unless the link says otherwise, see
+# experiment_url), so owl2 sets both where it can.
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING_KIND = "custom_model_development"
+# The runs table shows no metric or param column until someone picks them. A view shared from the UI is an
+# experiment tag (this prefix + its key) holding the table's settings; experiment_url opens owl2's own, whose
+# columns are the metrics and params that compare runs (Tracker.show_columns).
+SHARED_VIEW_PREFIX = "mlflow.sharedViewState."
+VIEW_KEY = "owl2"
+WALL_TIME = "wall_time_s"
+# What a parent run repeats of each stage run: the final loss, val_loss and wall time, and the stage's eval scores
+# (``eval/<suite metric>``, owl2.train.evaluate's names) but not the time the evaluation took.
+_HEADLINE = frozenset({"loss", "val_loss", WALL_TIME})
+_EVAL_PREFIX, _EVAL_TIME = "eval/", "eval/time_s"
 
 # MLflow's own limits, used when mlflow cannot tell us (it is imported lazily).
 _FALLBACK_PARAM_LENGTH = 500
@@ -94,6 +111,18 @@ def _absolute_uri(uri: str) -> str:
     if ":" not in uri and uri != "databricks":  # a bare path, which MLflow reads as a file store
         return _local_path(uri).as_uri()
     return uri
+
+
+def experiment_url(server: str, experiment_id: str) -> str:
+    """The experiment's runs in the MLflow UI served at ``server`` (``http://127.0.0.1:5000``): the model-training
+    view (runs table and charts, not traces), with the columns that compare runs (owl2's shared view)."""
+    query = f"workflowType=machine_learning&viewStateShareKey={VIEW_KEY}"
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?{query}"
+
+
+def _view_columns(kind: str, keys: Iterable[str]) -> list[str]:
+    """The UI's names of runs-table columns: ``metrics.`loss```, ``params.`seed```."""
+    return [f"{kind}.`{key}`" for key in keys]
 
 
 def _sqlite_artifact_root(tracking_uri: str) -> Path | None:
@@ -233,17 +262,21 @@ class Tracker:
     # ---- runs ------------------------------------------------------------------------------------
 
     def experiment_id(self, experiment: str) -> str:
-        """The experiment's id, creating it on first use (safe when several processes race to create it)."""
+        """The experiment's id, creating it on first use (safe when several processes race to create it), tagged
+        as model training (:data:`EXPERIMENT_KIND_TAG`) unless it already names a kind, and with owl2's view of
+        the runs table (:meth:`show_columns`)."""
         if experiment in self._experiments:
             return self._experiments[experiment]
         from mlflow.exceptions import MlflowException
 
         found = self.client.get_experiment_by_name(experiment)
+        view = {"selectedColumns": _view_columns("metrics", [WALL_TIME])}
         if found is None:
             root = _sqlite_artifact_root(self.tracking_uri)
             location = str(root / re.sub(r"[^\w.\-]", "_", experiment)) if root else None
+            tags = {EXPERIMENT_KIND_TAG: MODEL_TRAINING_KIND, SHARED_VIEW_PREFIX + VIEW_KEY: json.dumps(view)}
             try:
-                experiment_id = self.client.create_experiment(experiment, artifact_location=location)
+                experiment_id = self.client.create_experiment(experiment, artifact_location=location, tags=tags)
             except MlflowException:
                 found = self.client.get_experiment_by_name(experiment)  # another trial created it first
                 if found is None:
@@ -256,8 +289,36 @@ class Tracker:
             )
         else:
             experiment_id = found.experiment_id
+            if EXPERIMENT_KIND_TAG not in found.tags:  # a store from before owl2 tagged; a kind chosen in the UI stays
+                self.client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING_KIND)
+            if SHARED_VIEW_PREFIX + VIEW_KEY not in found.tags:
+                self.client.set_experiment_tag(experiment_id, SHARED_VIEW_PREFIX + VIEW_KEY, json.dumps(view))
         self._experiments[experiment] = experiment_id
         return experiment_id
+
+    def show_columns(self, experiment_id: str, metrics: Iterable[str] = (), params: Iterable[str] = ()) -> list[str]:
+        """Add ``metrics`` and ``params`` to the columns of the runs table that :func:`experiment_url` opens, after
+        those already there; returns the columns. A view that would outgrow MLflow's tag limit stays as it is.
+        Two trials adding different columns at once may drop one's (read, then write): the next headline adds it
+        again."""
+        from mlflow.utils.validation import MAX_EXPERIMENT_TAG_VAL_LENGTH
+
+        key = SHARED_VIEW_PREFIX + VIEW_KEY
+        stored = self.client.get_experiment(experiment_id).tags.get(key)
+        try:
+            view = json.loads(stored) if stored else {}
+        except json.JSONDecodeError:  # edited by hand: start afresh
+            view = {}
+        columns = list(view.get("selectedColumns") or [])
+        new = [c for c in _view_columns("metrics", metrics) + _view_columns("params", params) if c not in columns]
+        if new:
+            text = json.dumps({**view, "selectedColumns": columns + new})
+            if len(text) > MAX_EXPERIMENT_TAG_VAL_LENGTH:
+                logger.warning("experiment %s: the runs table's view is full; %s not shown", experiment_id, new)
+                return columns
+            self.client.set_experiment_tag(experiment_id, key, text)
+            columns += new
+        return columns
 
     def start_run(
         self,
@@ -313,6 +374,33 @@ class Tracker:
         if status not in RUN_STATUSES:
             raise ValueError(f"status must be one of {RUN_STATUSES}, got {status!r}")
         self.client.set_terminated(run_id, status=status)
+
+    def child_runs(self, run_id: str, experiment_id: str | None = None) -> list[Any]:
+        """The active runs whose parent is ``run_id`` (``mlflow.entities.Run``, latest metrics included), newest
+        first. ``experiment_id``: the run's, when the caller knows it."""
+        from mlflow.entities import ViewType
+
+        experiment_id = experiment_id or self.client.get_run(run_id).info.experiment_id
+        return self.client.search_runs(
+            [experiment_id],
+            filter_string=f"tags.`{PARENT_RUN_TAG}` = '{run_id}'",
+            run_view_type=ViewType.ACTIVE_ONLY,
+            order_by=["attributes.start_time DESC"],
+        )
+
+    def end_stopped(self, run_id: str, status: str) -> None:
+        """End a run that was stopped from outside (KILLED: a sweep's scheduler stopped it; FAILED: its trial
+        crashed) together with its child runs, so that the stage runs inside end as the run does.
+
+        Children still RUNNING take ``status``. With KILLED, children that ended FAILED are KILLED too: a stage
+        stopped from outside may fail in its own process first (its Ray Train run loses the trial it reports to),
+        yet it was stopped, not broken. FINISHED children stay FINISHED.
+        """
+        replaced = ("RUNNING", "FAILED") if status == "KILLED" else ("RUNNING",)
+        for child in self.child_runs(run_id):
+            if child.info.status in replaced:
+                self.end_run(child.info.run_id, status)
+        self.end_run(run_id, status)
 
     @contextlib.contextmanager
     def run(
@@ -378,6 +466,33 @@ class Tracker:
             self.client.log_batch(run_id, metrics=batch[start : start + _METRICS_PER_BATCH])
         return skipped
 
+    def add_wall_time(self, run_id: str, seconds: float) -> float:
+        """Add ``seconds`` to the run's ``wall_time_s`` metric (a resumed run keeps counting); returns the total."""
+        total = self.client.get_run(run_id).data.metrics.get(WALL_TIME, 0.0) + seconds
+        self.log_metrics(run_id, {WALL_TIME: total}, step=0)
+        return total
+
+    def log_headline(self, run_id: str, stages: Sequence[str]) -> dict[str, float]:
+        """Repeat on the parent run ``run_id`` each stage run's final loss, val_loss, wall time and eval scores
+        as ``<stage>/<metric>`` (e.g. ``stage2/val_loss``), so that MLflow's runs table and charts compare
+        experiments without expanding them, and shows them as columns of the runs table. ``stages``: the child
+        runs' names; stages without a run are left out. Returns what was logged."""
+        experiment_id = self.client.get_run(run_id).info.experiment_id
+        runs = {}
+        for child in reversed(self.child_runs(run_id, experiment_id)):  # oldest first: the newest of a name wins
+            runs[child.info.run_name] = child
+        values = {
+            f"{stage}/{key}": value
+            for stage in stages
+            if stage in runs
+            for key, value in runs[stage].data.metrics.items()
+            if key in _HEADLINE or (key.startswith(_EVAL_PREFIX) and key != _EVAL_TIME)
+        }
+        if values:
+            self.log_metrics(run_id, values, step=0)
+            self.show_columns(experiment_id, values)
+        return values
+
     def nonfinite_counts(self, run_id: str) -> dict[str, int]:
         """How often each metric was skipped as NaN/inf by this tracker."""
         return dict(self._nonfinite.get(run_id, {}))
@@ -415,6 +530,39 @@ class Tracker:
 def _cut(text: str, limit: int) -> str:
     marker = "...[truncated]"
     return text if len(text) <= limit else text[: limit - len(marker)] + marker
+
+
+class SystemMetrics:
+    """MLflow's own sampler of CPU, memory, disk, network and GPU use for one run (``system/...`` metrics, the
+    run page's "System metrics" tab), on a thread of its own between :meth:`start` and :meth:`finish`.
+
+    GPU figures come only where MLflow finds ``pynvml`` (the ``nvidia-ml-py`` package) or ROCm's equivalent.
+    A resumed run continues its earlier samples' steps. Failures are warned about, never raised: tracking must not
+    stop a run. Both calls may wait on the tracking server; the training loop makes them on its sender's thread.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, interval_s: float) -> None:
+        self.tracking_uri, self.run_id, self.interval_s = tracking_uri, run_id, interval_s
+        self._monitor: Any = None
+
+    def start(self) -> None:
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(
+                self.run_id, sampling_interval=self.interval_s, resume_logging=True, tracking_uri=self.tracking_uri
+            )
+            monitor.start()
+        except Exception as error:  # psutil missing, store unreachable: the run goes on without system metrics
+            logger.warning("run %s: no system metrics (%s: %s)", self.run_id, type(error).__name__, error)
+            return
+        self._monitor = monitor
+
+    def finish(self) -> None:
+        """Stop sampling and send what was sampled; the sampler's thread is gone when this returns."""
+        if self._monitor is not None:
+            self._monitor.finish()
+            self._monitor = None
 
 
 # --------------------------------------------------------------------------------------------------

@@ -54,6 +54,7 @@ CASES = [
     (["train", "--config", PIPELINE, "resources.num_workers=0"], "resources.num_workers"),
     (["train", "--config", PIPELINE, "resources.gpu=tpu"], "resources.gpu 'tpu'"),
     (["train", "--config", PIPELINE, "max_failures=-1"], "max_failures must be >= 0"),
+    (["train", "--config", PIPELINE, "tracking.system_metrics_s=-1"], "tracking.system_metrics_s must be >= 0"),
     (["train", "--config", PIPELINE, "noequals"], "override 'noequals'"),
     (["train", "--config", PIPELINE, "stages..lr=1"], "empty key part"),
     (["train", "--config", PIPELINE, "stages.stage1.optim.lr=[1,"], "the value is invalid YAML"),

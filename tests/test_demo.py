@@ -28,8 +28,9 @@ def _checkpoint(run):
 @pytest.mark.slow
 def test_quick_demo_trains_both_stages_evaluates_and_tracks_everything(ray_cluster, tmp_path):
     # Stage 2 also answers the first items of the world's held-out suite at its checkpoint (rank 0). A peak of
-    # 0.001 TFLOP/s stands in for a GPU's: the metrics then carry mfu next to model_flops_per_s.
-    overrides = ["stages.stage2.eval.limit=4", "resources.peak_tflops=0.001"]
+    # 0.001 TFLOP/s stands in for a GPU's: the metrics then carry mfu next to model_flops_per_s. System metrics
+    # are sampled often enough for these short stages to get some.
+    overrides = ["stages.stage2.eval.limit=4", "resources.peak_tflops=0.001", "tracking.system_metrics_s=0.2"]
     summary = run_demo(
         tmp_path / "demo", quick=True, overrides=overrides, train_images=48, heldout_images=8, eval_limit=8
     )
@@ -88,3 +89,20 @@ def test_quick_demo_trains_both_stages_evaluates_and_tracks_everything(ray_clust
     evaluation = runs["eval-shapes"]
     assert evaluation.data.tags["mlflow.parentRunId"] == runs["stage2"].info.run_id
     assert "shapes/vqa/accuracy" in evaluation.data.metrics
+
+    # What MLflow's UI compares: a model-training experiment whose parent rows carry each stage's final metrics,
+    # its eval scores, the final checkpoint's evaluation and the wall time, as the columns owl2's link opens; the
+    # stage runs carry system metrics.
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    headline = parent.data.metrics
+    for stage in ("stage1", "stage2"):
+        for key in ("loss", "val_loss", "wall_time_s"):
+            assert headline[f"{stage}/{key}"] == runs[stage].data.metrics[key]
+        assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(
+            runs[stage].data.metrics
+        )
+    assert headline["stage2/eval/shapes/vqa/accuracy"] == accuracy[0].value and "stage2/eval/time_s" not in headline
+    assert headline["wall_time_s"] > headline["stage1/wall_time_s"] + headline["stage2/wall_time_s"] > 0
+    assert headline["eval/shapes/vqa/accuracy"] == evaluation.data.metrics["shapes/vqa/accuracy"]
+    columns = json.loads(experiment.tags["mlflow.sharedViewState.owl2"])["selectedColumns"]
+    assert {f"metrics.`{key}`" for key in headline} <= set(columns)

@@ -16,7 +16,7 @@ from owl2.cli import main
 from owl2.data.synth import QUESTION_TYPES
 from owl2.eval.benchmarks import load_captions, load_mmbench, load_mme, load_shapes, load_vqa
 from owl2.eval.generate import render_prompt
-from owl2.eval.runner import read_predictions, run_eval, training_run
+from owl2.eval.runner import log_final_eval, read_predictions, run_eval, training_run
 from owl2.eval.suite import Suite
 from owl2.model import Owl2ForCausalLM
 from owl2.tracking import PARENT_RUN_TAG, Tracker
@@ -283,6 +283,30 @@ def test_training_run_lookup(mlflow_uri):
     stage = tracker.start_run("stage2", experiment, parent_run_id=top)
     assert training_run(tracker, experiment, "tiny-eval", "stage2") == stage
     assert training_run(tracker, experiment, "tiny-eval", None) == top
+
+
+def test_final_checkpoint_scores_repeat_on_the_experiment_run(mlflow_uri):
+    tracker, experiment = Tracker(mlflow_uri), "final-eval-tests"
+    top = tracker.start_run("tiny", experiment)
+    stage2 = tracker.start_run("stage2", experiment, parent_run_id=top)
+    config = {"name": "tiny", "stages": {"stage1": {"max_steps": 4}, "stage2": {"max_steps": 6}}}
+    scores = {"shapes/vqa/accuracy": 0.75, "shapes/captions/cider": 2.0}
+    # Not the experiment's result: an earlier checkpoint, or the last checkpoint of an earlier stage.
+    assert log_final_eval(tracker, stage2, config, "stage2", 4, scores) is None
+    assert log_final_eval(tracker, stage2, config, "stage1", 4, scores) is None
+    assert log_final_eval(tracker, stage2, config, "stage2", 6, scores) == top
+    assert tracker.client.get_run(top).data.metrics == {
+        "eval/shapes/vqa/accuracy": 0.75,
+        "eval/shapes/captions/cider": 2.0,
+    }
+    view = tracker.client.get_experiment_by_name(experiment).tags["mlflow.sharedViewState.owl2"]
+    assert json.loads(view)["selectedColumns"][-2:] == [
+        "metrics.`eval/shapes/vqa/accuracy`",
+        "metrics.`eval/shapes/captions/cider`",
+    ]
+    # The eval nested under the experiment run itself (its stage run was not found): the same run gets them.
+    alone = tracker.start_run("tiny-2", experiment)
+    assert log_final_eval(tracker, alone, config, "stage2", 6, scores) == alone
 
 
 def test_eval_command_logs_a_child_run_with_metrics_per_question_type(

@@ -263,6 +263,144 @@ def test_run_context_marks_failures(tracker: Tracker):
 
 
 # --------------------------------------------------------------------------------------------------
+# What the MLflow UI compares: the experiment's view, headline metrics, params, statuses, system metrics
+# --------------------------------------------------------------------------------------------------
+
+
+VIEW = "mlflow.sharedViewState.owl2"
+
+
+def _view_columns(tracker: Tracker, experiment_id: str) -> list[str]:
+    return json.loads(tracker.client.get_experiment(experiment_id).tags[VIEW])["selectedColumns"]
+
+
+def test_experiments_open_as_model_training_with_owl2s_columns(tracker: Tracker):
+    experiment_id = tracker.experiment_id("owl2-view")
+    tags = tracker.client.get_experiment(experiment_id).tags
+    assert tags[tracking.EXPERIMENT_KIND_TAG] == tracking.MODEL_TRAINING_KIND == "custom_model_development"
+    assert _view_columns(tracker, experiment_id) == ["metrics.`wall_time_s`"]
+    # An experiment from before owl2 tagged gets both; a kind someone chose in the UI stays theirs.
+    old = tracker.client.create_experiment("owl2-untagged")
+    chosen = tracker.client.create_experiment("owl2-chosen", tags={tracking.EXPERIMENT_KIND_TAG: "genai_development"})
+    fresh = Tracker(tracker.tracking_uri)
+    assert fresh.experiment_id("owl2-untagged") == old and fresh.experiment_id("owl2-chosen") == chosen
+    assert tracker.client.get_experiment(old).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    assert tracker.client.get_experiment(chosen).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
+    assert _view_columns(tracker, old) == ["metrics.`wall_time_s`"]
+    # MLflow 3.18's UI picks the view from the link, whatever the tag says; the link opens owl2's columns.
+    assert tracking.experiment_url("http://127.0.0.1:5000/", "7") == (
+        "http://127.0.0.1:5000/#/experiments/7/runs?workflowType=machine_learning&viewStateShareKey=owl2"
+    )
+
+    # Columns are added after those there, once each; a view that would outgrow MLflow's tag limit stays.
+    columns = tracker.show_columns(experiment_id, ["stage1/loss", "wall_time_s"], ["seed"])
+    assert columns == ["metrics.`wall_time_s`", "metrics.`stage1/loss`", "params.`seed`"]
+    assert tracker.show_columns(experiment_id, ["stage1/loss"]) == columns
+    assert tracker.show_columns(experiment_id, [f"eval/{'x' * 100}/{i}" for i in range(200)]) == columns
+    assert _view_columns(tracker, experiment_id) == columns
+
+
+def test_parent_runs_carry_each_stages_final_metrics(tracker: Tracker):
+    parent = tracker.start_run("headline", "owl2-headline")
+    stage1 = tracker.start_run("stage1", "owl2-headline", parent_run_id=parent)
+    for step, loss in ((1, 3.0), (2, 2.5)):
+        tracker.log_metrics(stage1, {"loss": loss, "val_loss": loss + 0.25, "grad_norm": 9.0}, step)
+    assert tracker.add_wall_time(stage1, 40.0) == 40.0
+    assert tracker.add_wall_time(stage1, 2.0) == 42.0  # a resumed stage keeps counting
+    stage2 = tracker.start_run("stage2", "owl2-headline", parent_run_id=parent)
+    tracker.log_metrics(stage2, {"loss": 1.5, "eval/shapes/vqa/accuracy": 0.25, "eval/time_s": 3.0}, 2)
+    tracker.log_metrics(stage2, {"loss": 1.25, "eval/shapes/vqa/accuracy": 0.5, "eval/time_s": 4.0}, 4)
+    tracker.start_run("stage1", "owl2-headline")  # a run of the same name elsewhere is not this parent's
+
+    expected = {
+        "stage1/loss": 2.5,
+        "stage1/val_loss": 2.75,
+        "stage1/wall_time_s": 42.0,
+        "stage2/loss": 1.25,
+        "stage2/eval/shapes/vqa/accuracy": 0.5,
+    }
+    assert tracker.log_headline(parent, ["stage1", "stage2", "stage3"]) == expected
+    assert tracker.add_wall_time(parent, 50.0) == 50.0
+    assert tracker.client.get_run(parent).data.metrics == {**expected, "wall_time_s": 50.0}
+    # ... and the runs table that experiment_url opens shows them as columns.
+    experiment_id = tracker.experiment_id("owl2-headline")
+    assert _view_columns(tracker, experiment_id) == ["metrics.`wall_time_s`"] + [f"metrics.`{k}`" for k in expected]
+
+    # Logged again after a re-run of stage 2, the parent shows the new values.
+    tracker.log_metrics(stage2, {"loss": 1.0}, 6)
+    tracker.log_headline(parent, ["stage1", "stage2"])
+    assert tracker.client.get_run(parent).data.metrics["stage2/loss"] == 1.0
+
+
+def test_a_trial_logs_only_its_swept_values_seed_and_objective(tracker: Tracker):
+    from owl2.config import SweepConfig
+    from owl2.tune.sweep import trial_params
+
+    space = {"stages.stage2.optim.lr": {"grid": [1e-3, 1e-4]}, "model.overrides.abstractor.num_queries": {"grid": [8]}}
+    sweep = SweepConfig(name="s", experiment="base.yaml", space=space, metric="val_loss", mode="min")
+    sampled = {"stages.stage2.optim.lr": 1e-4, "model.overrides.abstractor.num_queries": 8}
+    run_id = tracker.start_run("s-trial", EXPERIMENT)
+    tracker.log_params(run_id, trial_params(sweep, sampled, seed=3))
+    assert tracker.client.get_run(run_id).data.params == {
+        "stages.stage2.optim.lr": "0.0001",
+        "model.overrides.abstractor.num_queries": "8",
+        "seed": "3",
+        "objective": "min val_loss",
+    }
+    # The shared stages' run: the same seed and objective, so comparing it with the trials adds no axis.
+    assert trial_params(sweep, {}, seed=3) == {"seed": 3, "objective": "min val_loss"}
+
+
+def test_a_stopped_trial_and_the_stage_it_was_in_end_alike(tracker: Tracker):
+    def trial(stage2_status: str) -> tuple[str, str, str]:
+        trial = tracker.start_run("trial", EXPERIMENT)
+        stage1 = tracker.start_run("stage1", EXPERIMENT, parent_run_id=trial)
+        tracker.end_run(stage1, "FINISHED")
+        stage2 = tracker.start_run("stage2", EXPERIMENT, parent_run_id=trial)
+        if stage2_status != "RUNNING":
+            tracker.end_run(stage2, stage2_status)
+        return trial, stage1, stage2
+
+    def statuses(*run_ids: str) -> list[str]:
+        return [tracker.client.get_run(run_id).info.status for run_id in run_ids]
+
+    # Stopped by ASHA: the stage it was in failed in its own process when its trial went away, or never ended.
+    for stage2_status in ("FAILED", "RUNNING"):
+        runs = trial(stage2_status)
+        tracker.end_stopped(runs[0], "KILLED")
+        assert statuses(*runs) == ["KILLED", "FINISHED", "KILLED"]
+    # A crashed trial: the stage left running failed with it.
+    runs = trial("RUNNING")
+    tracker.end_stopped(runs[0], "FAILED")
+    assert statuses(*runs) == ["FAILED", "FINISHED", "FAILED"]
+
+
+def test_system_metrics_are_sampled_into_a_run_until_finished(tracker: Tracker):
+    import threading
+    import time
+
+    run_id = tracker.start_run("system", EXPERIMENT)
+    sampler = tracking.SystemMetrics(tracker.tracking_uri, run_id, interval_s=0.05)
+    sampler.start()
+    deadline = time.monotonic() + 60
+    while "system/cpu_utilization_percentage" not in tracker.client.get_run(run_id).data.metrics:
+        assert time.monotonic() < deadline, "no system metrics after 60 s"
+        time.sleep(0.05)
+    sampler.finish()
+    metrics = tracker.client.get_run(run_id).data.metrics
+    assert 0 < metrics["system/system_memory_usage_megabytes"]
+    assert 0 < metrics["system/system_memory_usage_percentage"] <= 100
+    assert not [thread for thread in threading.enumerate() if thread.name == "SystemMetricsMonitor"]
+    sampler.finish()  # twice is harmless
+
+
+def test_system_metrics_interval_is_validated():
+    assert TrackingConfig().system_metrics_s == 10.0
+    with pytest.raises(ConfigError, match=r"tracking\.system_metrics_s must be >= 0"):
+        TrackingConfig(system_metrics_s=-1)
+
+
+# --------------------------------------------------------------------------------------------------
 # Redaction, tags, fingerprints
 # --------------------------------------------------------------------------------------------------
 

@@ -1,6 +1,7 @@
 """Sweeps: stage planning validated against the experiment, then one sweep end to end on local Ray: early stopping,
 a crashing trial, MLflow tracking and a resumed re-run."""
 
+import json
 import time
 from collections import Counter
 from pathlib import Path
@@ -114,15 +115,39 @@ def test_a_sweep_stops_a_laggard_survives_a_crash_tracks_every_trial_and_a_rerun
 
     client = _client(world)
     experiment = client.get_experiment_by_name("owl2-tiny-cpu-sweeps")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's model-training view
     runs = client.search_runs([experiment.experiment_id])
     parent = next(r for r in runs if r.info.run_name == sweep.name)
     children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     trials = [r for r in children if r.info.run_name != f"{sweep.name}-shared"]
     assert len(trials) == 3 and len(children) == 4  # one shared stage-1 run, then one run per trial
+    (shared,) = [r for r in children if r.info.run_name == f"{sweep.name}-shared"]
+    assert shared.data.params == {"seed": str(base.seed), "objective": "min val_loss"}
     for trial in trials:
-        assert "sweep.stages.stage2.optim.lr" in trial.data.params
+        # Only what MLflow's compare page should offer as axes; the whole config is the trial's experiment.yaml.
+        assert set(trial.data.params) == {"stages.stage2.optim.lr", "seed", "objective"}
+        assert trial.data.params["objective"] == "min val_loss"
+        assert "experiment.yaml" in {a.path for a in client.list_artifacts(trial.info.run_id)}
         assert trial.data.tags["owl2.stopped_early"] in ("true", "false")
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]  # stopped trials end their stage runs
+    # A trial and the stage run inside it end alike: FINISHED, KILLED by ASHA, FAILED by the crash.
+    by_value = {float(trial.data.params["stages.stage2.optim.lr"]): trial for trial in trials}
+    stage_runs = {}
+    for lr, status in ((3e-3, "FINISHED"), (1e-9, "KILLED"), (1e6, "FAILED")):
+        (stage_runs[lr],) = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == by_value[lr].info.run_id]
+        assert [by_value[lr].info.status, stage_runs[lr].info.status] == [status, status]
+    # The finished trial's row carries its stage's final metrics, its objective and its wall time.
+    finished, stage = by_value[3e-3].data.metrics, stage_runs[3e-3].data.metrics
+    assert {f"stage2/{key}": stage[key] for key in ("loss", "val_loss", "wall_time_s")}.items() <= finished.items()
+    assert finished["best_val_loss"] == pytest.approx(by_lr[3e-3].metric) and finished["wall_time_s"] > 0
+    # The sweep's row: its best trial's values and objective, under the trials' own param names.
+    best = {"stages.stage2.optim.lr": "0.003", "seed": str(base.seed), "objective": "min val_loss"}
+    assert parent.data.params == best
+    assert parent.data.metrics["best_val_loss"] == pytest.approx(by_lr[3e-3].metric)
+    assert parent.data.metrics["wall_time_s"] > 0
+    # The runs table that owl2's link opens shows the objective, the stage metrics and the swept values.
+    columns = set(json.loads(experiment.tags["mlflow.sharedViewState.owl2"])["selectedColumns"])
+    assert {"metrics.`best_val_loss`", "metrics.`stage2/val_loss`", "params.`stages.stage2.optim.lr`"} <= columns
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"summary.json", "summary.txt", "best.yaml"} <= artifacts
     assert load_experiment(world / "runs" / sweep.name / "best.yaml").stages["stage2"].optim.lr == 3e-3

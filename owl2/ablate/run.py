@@ -2,9 +2,9 @@
 
 ::
 
-    MLflow: ablation run   report.md, plots, results.json; arm.<arm>.<metric>.mean, ...
+    MLflow: ablation run   report.md, plots, results.json; arm.<arm>.<metric>.mean, ..., wall_time_s
               +- <name>-shared-seed<s>   the stages no arm changes, once per seed (when there are such stages)
-              +- <name>-<arm>-seed<s>    one trial: params ablation.arm and ablation.seed
+              +- <name>-<arm>-seed<s>    one trial: params ablation.arm and ablation.seed beside the config
                    +- stage runs
 
 Trials come from :mod:`owl2.tune.sweep`'s machinery: a grid over ``arm`` and ``seed``, no scheduler (every
@@ -144,7 +144,7 @@ class AblationTrials:
         experiment.name = trial_name(self.name, arm, seed)
         if seed in self.shared_checkpoints:
             experiment.stages[self.stages[0]].init_from = self.shared_checkpoints[seed]
-        return experiment, {"ablation": {"arm": arm, "seed": seed}}
+        return experiment, {**to_dict(experiment), "ablation": {"arm": arm, "seed": seed}}
 
 
 def trial_name(ablation: str, arm: str, seed: int) -> str:
@@ -159,6 +159,7 @@ def run_ablation(ablation: AblationConfig, base: ExperimentConfig) -> AblationOu
 
     for arm in ablation.arms:  # data, tokenizers, memory plan, eval suites: before Ray starts
         preflight(arm_experiment(base, ablation, arm, ablation.seeds[0]))
+    start = time.monotonic()
     base, tracker = prepare(base, ablation.storage_path, ablation.tracking)
     ablation_yaml = yaml.safe_dump(to_dict(ablation), sort_keys=False)
     parent = tracker.start_run(
@@ -171,10 +172,17 @@ def run_ablation(ablation: AblationConfig, base: ExperimentConfig) -> AblationOu
         folder = report_folder(ablation, base.storage_path)
         for path in write_report(report, folder):
             tracker.client.log_artifact(parent, str(path))
-        tracker.log_metrics(parent, headline_metrics(report), step=0)
+        headline = headline_metrics(report)
+        tracker.log_metrics(parent, headline, step=0)
+        # The columns of the runs table that owl2's link opens: each arm's mean per metric, the trials' arm and seed.
+        means = [key for key in headline if key.endswith(".mean")]
+        experiment_id = tracker.experiment_id(ablation.tracking.experiment)
+        tracker.show_columns(experiment_id, means, ["ablation.arm", "ablation.seed"])
     except BaseException:
         tracker.end_run(parent, "FAILED")
         raise
+    finally:
+        tracker.add_wall_time(parent, time.monotonic() - start)
     tracker.end_run(parent, "FINISHED")
     print(f"{text_summary(report)}\n\nreport: {folder / REPORT_FILE} (and on MLflow run {parent})", flush=True)
     return AblationOutcome(report, folder)
@@ -184,7 +192,7 @@ def _run_trials(ablation: AblationConfig, base: ExperimentConfig, tracker: Any, 
     """The shared stages per seed, then the trials on Tune; the report of what they reached."""
     from ray import tune
 
-    from owl2.tune.sweep import end_trial_run, fit_trials, split_stages
+    from owl2.tune.sweep import close_trial_run, fit_trials, split_stages
 
     keys = [key for overrides in ablation.arms.values() for key in arm_keys(overrides)]
     shared, trial_stages = split_stages(keys, base)
@@ -203,8 +211,8 @@ def _run_trials(ablation: AblationConfig, base: ExperimentConfig, tracker: Any, 
     experiment = ablation.tracking.experiment
     for result in results:
         run_id = tracker.find_run(experiment, trial_name(ablation.name, result.arm, result.seed), parent)
-        if result.error is not None and run_id:
-            end_trial_run(tracker, experiment, run_id, base, stopped=False)
+        if run_id:
+            close_trial_run(tracker, run_id, list(base.stages), stopped=False, failed=result.error is not None)
     costs = {
         arm: arm_cost(arm_experiment(base, ablation, arm, ablation.seeds[0]), histories.get(arm, []))
         for arm in ablation.arms

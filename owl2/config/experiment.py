@@ -81,6 +81,13 @@ class TrackingConfig:
     tracking_uri: str = ""
     """Empty: an embedded store on local disk, ``<storage_path>/mlflow.db``."""
     experiment: str = "owl2"
+    system_metrics_s: float = 10.0
+    """Seconds between samples of CPU, memory, disk, network and GPU use (MLflow's system metrics, ``system/...``
+    on each stage run, from one worker per node; GPU figures need the ``nvidia-ml-py`` package). 0: none.
+    MLflow's ``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL`` takes precedence."""
+
+    def __post_init__(self) -> None:
+        at_least(self.system_metrics_s, 0, "tracking.system_metrics_s")
 
 
 @dataclasses.dataclass

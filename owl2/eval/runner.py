@@ -3,14 +3,15 @@
 The eval run goes into MLflow as a child of the training run that wrote the checkpoint, found from the
 checkpoint's ``experiment.yaml`` (experiment name and tracking experiment) and ``state.json`` (stage): under the
 stage run when there is one, else under the experiment run, else (a released model, or a training run that
-is not in the store) at the top level of the tracking experiment.
+is not in the store) at the top level of the tracking experiment. The scores of an experiment's final checkpoint
+are repeated on the experiment's run, where MLflow's runs table compares experiments.
 """
 
 from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -105,8 +106,36 @@ def _tracked(
         result = evaluate()
         tracker.log_metrics(run_id, result.metrics, step=step)
         suite.log(tracker, run_id, result.predictions, result.rows)
+    log_final_eval(tracker, parent, experiment, stage, step, result.metrics)
     result.run_id = run_id
     return result
+
+
+def log_final_eval(
+    tracker: Any,
+    parent: str | None,
+    experiment: Mapping[str, Any],
+    stage: str | None,
+    step: int,
+    metrics: Mapping[str, float],
+) -> str | None:
+    """Repeat the scores of an experiment's final checkpoint (its last stage's last step) on the experiment's run
+    as ``eval/<metric>`` (columns of the runs table), beside the stages' headline metrics. ``parent``: the run the
+    eval run nests under (the stage run, or the experiment run when the stage has none). Returns the experiment
+    run's id when it logged."""
+    stages = experiment.get("stages") or {}
+    if parent is None or not stages or stage != list(stages)[-1] or step != (stages[stage] or {}).get("max_steps"):
+        return None
+    from owl2.tracking import PARENT_RUN_TAG
+
+    run = tracker.client.get_run(parent)
+    top = run.data.tags.get(PARENT_RUN_TAG) if run.info.run_name == stage else parent
+    if top is None:
+        return None
+    scores = {f"eval/{key}": value for key, value in metrics.items()}
+    tracker.log_metrics(top, scores, step=0)
+    tracker.show_columns(run.info.experiment_id, scores)
+    return top
 
 
 def training_run(tracker: Any, experiment: str, name: str | None, stage: str | None) -> str | None:

@@ -58,8 +58,7 @@ def train_stage(config: dict[str, Any]) -> None:
     while run.state.step < run.stage.max_steps:
         run.train_step()
         run.after_step()
-    if run.sender is not None:
-        run.sender.close()
+    run.close_tracking()
 
 
 def initial_model(init: ModelInitConfig, seed: int) -> Any:
@@ -209,6 +208,7 @@ class StageRun:
         self.faults = FaultPlan.load(job.experiment.storage_path, job.run_name)
         # Rank 0's MLflow calls run on a thread of their own: a tracking server that goes away never stops training.
         self.sender = TrackingSender(lambda line: emit(job.progress, line)) if self.rank == 0 and job.run_id else None
+        self.system_metrics: Any = None
         self.tracker = self._tracker()
 
     # ------------------------------------------------------------------ set-up
@@ -247,7 +247,7 @@ class StageRun:
     def _tracker(self) -> Any:
         if self.rank != 0 or not self.job.run_id:
             return None
-        from owl2.tracking import Tracker
+        from owl2.tracking import SystemMetrics, Tracker
 
         tracker = Tracker(self.job.tracking_uri)
         if self.state.step == 0:
@@ -256,7 +256,20 @@ class StageRun:
             rows, run_id = group_table_rows(self.groups), self.job.run_id
             self.sender.submit(lambda: tracker.log_dict(run_id, {"groups": rows}, "param_groups.json"))
             self.sender.submit(lambda: tracker.log_text(run_id, table, "param_groups.txt"))
+        # CPU, memory and (with nvidia-ml-py) every GPU of this node, sampled on a thread of MLflow's; started and
+        # stopped on the sender's thread, so a tracking server that is away delays the samples, never training.
+        interval = self.job.experiment.tracking.system_metrics_s
+        if interval > 0:
+            self.system_metrics = SystemMetrics(self.job.tracking_uri, self.job.run_id, interval)
+            self.sender.submit(self.system_metrics.start)
         return tracker
+
+    def close_tracking(self) -> None:
+        """At the end of the stage: stop the system metrics, then wait for rank 0's queued MLflow calls."""
+        if self.system_metrics is not None:
+            self.sender.submit(self.system_metrics.finish)
+        if self.sender is not None:
+            self.sender.close()
 
     # ------------------------------------------------------------------ one optimizer step
     def train_step(self) -> None:

@@ -2,7 +2,7 @@
 
 ::
 
-    parent MLflow run (the experiment)
+    parent MLflow run (the experiment): each stage's final loss, val_loss, eval scores and wall time
       +- child run "stage1"  <- TorchTrainer(name=<experiment>-stage1) -> last checkpoint
       +- child run "stage2"  <- TorchTrainer(name=<experiment>-stage2), starting from stage 1's checkpoint
 
@@ -13,6 +13,7 @@ duplicated.
 
 from __future__ import annotations
 
+import time
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,15 +148,16 @@ def run_experiment(
     experiment: ExperimentConfig,
     stages: list[str] | None = None,
     parent_run_id: str | None = None,
-    extra_params: dict[str, Any] | None = None,
+    params: dict[str, Any] | None = None,
     callbacks: list[Any] | None = None,
     progress: bool = True,
 ) -> list[StageResult]:
     """Run ``stages`` (default: all, in order); each starts from the previous stage's last checkpoint.
 
-    ``parent_run_id`` nests the experiment's MLflow run (a sweep's trial); ``extra_params`` are logged on
-    it (a trial's sampled values); ``callbacks`` go to every ``TorchTrainer`` (Tune's report forwarding);
-    ``progress`` prints the rank-0 worker's progress lines here.
+    ``parent_run_id`` nests the experiment's MLflow run (a sweep's trial); ``params`` are that run's MLflow
+    params (a trial's swept values), by default the whole resolved config (it is the run's ``experiment.yaml``
+    either way); ``callbacks`` go to every ``TorchTrainer`` (Tune's report forwarding); ``progress`` prints the
+    rank-0 worker's progress lines here.
     """
     from owl2.runtime import ensure_ray
     from owl2.stall import StallWatchdog
@@ -169,6 +171,7 @@ def run_experiment(
     preflight(experiment, stages)
     ensure_ray()
 
+    start = time.monotonic()
     config_yaml = experiment_yaml(experiment)
     tracking_uri = resolve_tracking_uri(experiment.tracking, experiment.storage_path)
     tracker = Tracker(tracking_uri)
@@ -179,7 +182,7 @@ def run_experiment(
         tags=run_tags(None, config_yaml, None),
         resume=True,
     )
-    tracker.log_params(parent, {**to_dict(experiment), **(extra_params or {})})
+    tracker.log_params(parent, to_dict(experiment) if params is None else params)
     tracker.log_text(parent, config_yaml, "experiment.yaml")
 
     results: list[StageResult] = []
@@ -197,9 +200,13 @@ def run_experiment(
                 result = run_stage(experiment, name, tracker, parent, config_yaml, init_from, callbacks, queue)
                 results.append(result)
                 previous = result
+                # After every stage: a later stage that fails leaves the earlier ones' results in the runs table.
+                tracker.log_headline(parent, list(experiment.stages))
     except BaseException:
         tracker.end_run(parent, "FAILED")
         raise
+    finally:
+        tracker.add_wall_time(parent, time.monotonic() - start)
     tracker.end_run(parent, "FINISHED")
     return results
 
@@ -249,6 +256,7 @@ def run_stage(
         run_id=run_id,
         progress=progress,
     )
+    start = time.monotonic()
     try:
         result = fit_with_restarts(
             lambda: stage_trainer(job, callbacks).fit(),  # Ray
@@ -261,6 +269,8 @@ def run_stage(
     except BaseException:
         tracker.end_run(run_id, "FAILED")
         raise
+    finally:
+        tracker.add_wall_time(run_id, time.monotonic() - start)
     if result.checkpoint is None:
         raise RuntimeError(f"stage {name} finished without a checkpoint")
     tracker.set_tags(run_id, {"owl2.checkpoint": result.checkpoint.path})

@@ -2,10 +2,11 @@
 
 ::
 
-    MLflow: sweep run
+    MLflow: sweep run (the best trial's values as params, its best metric, wall time; sweep.yaml, summary, best.yaml)
               +- shared stages (once, when only later stages are swept: no repeated pre-training)
-              +- trial run (one per trial: sampled values as params, curve, final metrics, stopped early?)
-                   +- stage runs
+              +- trial run (one per trial: sampled values, seed and objective as params, the whole config as
+                 experiment.yaml; best metric, each stage's final metrics; stopped early?)
+                   +- stage runs (a trial that ASHA stopped ends KILLED, and so does the stage it was in)
 
 Ray Train V2 runs inside a Tune trial as Ray documents it: the trial function builds ``TorchTrainer``s
 (through ``run_experiment``) whose ``TuneReportCallback`` forwards every report to Tune, so ASHA sees the
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,6 +118,14 @@ def split_stages(keys: Iterable[str], base: ExperimentConfig) -> tuple[list[str]
     return order[:first], order[first:]
 
 
+def trial_params(sweep: SweepConfig, values: dict[str, Any], seed: int) -> dict[str, Any]:
+    """A trial run's MLflow params (and the sweep run's, for its best trial): the swept values under their own
+    keys, the seed and the objective. Only these, so that MLflow's compare page offers the swept keys as its axes
+    (it offers the params whose values differ, a param that a run lacks included); the whole config is the run's
+    ``experiment.yaml``. The shared stages' run logs the seed and the objective alone (``values`` empty)."""
+    return {"seed": seed, "objective": f"{sweep.mode} {sweep.metric}", **values}
+
+
 def _param_space(sweep: SweepConfig) -> dict[str, Any]:
     from ray import tune
 
@@ -131,7 +141,8 @@ def _param_space(sweep: SweepConfig) -> dict[str, Any]:
 
 class Trials(Protocol):
     """What every trial of a Tuner shares: the stages a trial runs, the MLflow run it nests under, and how the
-    trial's Tune config becomes its experiment (with the extra params its MLflow run gets)."""
+    trial's Tune config becomes its experiment and its MLflow run's params (what tells the trials apart; the
+    whole config is the run's ``experiment.yaml``)."""
 
     stages: list[str]
     parent_run_id: str
@@ -143,19 +154,19 @@ class Trials(Protocol):
 class SweepTrials:
     """A sweep's trials: the base experiment with the sampled values, starting from the shared stages' checkpoint."""
 
-    name: str
+    sweep: SweepConfig
     base: dict[str, Any]
     stages: list[str]
     parent_run_id: str
-    keys: list[str]
     shared_checkpoint: str | None
 
     def experiment(self, config: dict[str, Any], trial_id: str) -> tuple[ExperimentConfig, dict[str, Any]]:
         experiment = apply_sample(build(ExperimentConfig, self.base), config)
-        experiment.name = f"{self.name}-{trial_id}"
+        experiment.name = f"{self.sweep.name}-{trial_id}"
         if self.shared_checkpoint:
             experiment.stages[self.stages[0]].init_from = self.shared_checkpoint
-        return experiment, {"sweep": {key: config[key] for key in self.keys}}
+        values = {key: config[key] for key in self.sweep.space}
+        return experiment, trial_params(self.sweep, values, experiment.seed)
 
 
 def _trial(config: dict[str, Any], trials: Trials) -> None:
@@ -182,17 +193,12 @@ def _trial(config: dict[str, Any], trials: Trials) -> None:
 
 
 def _run_trial(
-    experiment: ExperimentConfig, stages: list[str], parent_run_id: str, extra_params: dict[str, Any], report: Any
+    experiment: ExperimentConfig, stages: list[str], parent_run_id: str, params: dict[str, Any], report: Any
 ) -> None:
     from owl2.train.trainer import run_experiment
 
     run_experiment(
-        experiment,
-        stages=stages,
-        parent_run_id=parent_run_id,
-        extra_params=extra_params,
-        callbacks=[report],
-        progress=False,
+        experiment, stages=stages, parent_run_id=parent_run_id, params=params, callbacks=[report], progress=False
     )
 
 
@@ -212,13 +218,22 @@ def prepare(base: ExperimentConfig, storage_path: str, tracking: TrackingConfig)
     return base, tracker
 
 
-def run_shared(experiment: ExperimentConfig, stages: list[str], name: str, parent_run_id: str) -> str:
-    """Run ``stages`` of ``experiment`` once, as the run ``name`` under ``parent_run_id``; the last checkpoint."""
+def run_shared(
+    experiment: ExperimentConfig,
+    stages: list[str],
+    name: str,
+    parent_run_id: str,
+    params: dict[str, Any] | None = None,
+) -> str:
+    """Run ``stages`` of ``experiment`` once, as the run ``name`` under ``parent_run_id``; the last checkpoint.
+    ``params``: its MLflow params, those of the trials' params it shares (None: the whole config, as trials that
+    log it)."""
     from owl2.train.trainer import run_experiment
 
     shared = copy.deepcopy(experiment)
     shared.name = name
-    return run_experiment(shared, stages=stages, parent_run_id=parent_run_id, progress=False)[-1].checkpoint.path
+    results = run_experiment(shared, stages=stages, parent_run_id=parent_run_id, params=params, progress=False)
+    return results[-1].checkpoint.path
 
 
 def fit_trials(
@@ -264,17 +279,20 @@ def run_sweep(sweep: SweepConfig, base: ExperimentConfig) -> list[TrialSummary]:
 
     from owl2.tracking import run_tags
 
+    start = time.monotonic()
     base, tracker = prepare(base, sweep.storage_path, sweep.tracking)
     sweep_yaml = yaml.safe_dump(to_dict(sweep), sort_keys=False)
     parent = tracker.start_run(
         sweep.name, sweep.tracking.experiment, tags=run_tags(None, sweep_yaml, None), resume=True
     )
-    tracker.log_params(parent, {"sweep": to_dict(sweep)})
-    tracker.log_text(parent, sweep_yaml, "sweep.yaml")
+    tracker.log_text(parent, sweep_yaml, "sweep.yaml")  # its params are its best trial's, logged at the end
 
     shared, trial_stages = plan_stages(sweep, base)
-    shared_checkpoint = run_shared(base, shared, f"{sweep.name}-shared", parent) if shared else None
-    trials = SweepTrials(sweep.name, to_dict(base), trial_stages, parent, list(sweep.space), shared_checkpoint)
+    shared_checkpoint = None
+    if shared:
+        params = trial_params(sweep, {}, base.seed)
+        shared_checkpoint = run_shared(base, shared, f"{sweep.name}-shared", parent, params)
+    trials = SweepTrials(sweep, to_dict(base), trial_stages, parent, shared_checkpoint)
     scheduler = (
         ASHAScheduler(
             time_attr="training_iteration",
@@ -303,6 +321,7 @@ def run_sweep(sweep: SweepConfig, base: ExperimentConfig) -> list[TrialSummary]:
         base.resources.stall_warning_s,
     )
     summaries = _summarise(grid, sweep, base)
+    tracker.add_wall_time(parent, time.monotonic() - start)
     _record(tracker, parent, sweep, base, summaries, f"{base.storage_path.rstrip('/')}/{sweep.name}")
     return summaries
 
@@ -345,15 +364,13 @@ def _summarise(grid: Any, sweep: SweepConfig, base: ExperimentConfig) -> list[Tr
     return summaries
 
 
-def end_trial_run(tracker: Any, experiment: str, run_id: str, base: ExperimentConfig, stopped: bool) -> None:
-    """End a trial's MLflow run that Tune stopped (KILLED) or that failed (FAILED), and the stage run that was
-    training then, which never ended itself."""
-    status = "KILLED" if stopped else "FAILED"
-    for stage in base.stages:
-        stage_run = tracker.find_run(experiment, stage, run_id)
-        if stage_run and tracker.client.get_run(stage_run).info.status == "RUNNING":
-            tracker.end_run(stage_run, status)
-    tracker.end_run(run_id, status)
+def close_trial_run(tracker: Any, run_id: str, stages: list[str], stopped: bool, failed: bool) -> None:
+    """A trial's MLflow run after the Tuner: it repeats its stage runs' last values (a trial stopped inside a stage
+    never logged that stage's), and one that Tune ``stopped`` (KILLED) or that ``failed`` (FAILED) ends as the
+    stage run it was in (:meth:`~owl2.tracking.Tracker.end_stopped`)."""
+    tracker.log_headline(run_id, stages)
+    if stopped or failed:
+        tracker.end_stopped(run_id, "KILLED" if stopped else "FAILED")
 
 
 def _record(
@@ -369,6 +386,7 @@ def _record(
         for i, s in enumerate(summaries)
     )
     tracker.log_text(parent, table, "summary.txt")
+    objective = f"best_{sweep.metric}"
     for summary in summaries:
         run_id = tracker.find_run(sweep.tracking.experiment, f"{sweep.name}-{summary.trial_id}", parent)
         if run_id:
@@ -376,12 +394,16 @@ def _record(
                 run_id, {"owl2.stopped_early": str(summary.stopped_early).lower(), "owl2.trial_status": summary.status}
             )
             if summary.metric is not None:
-                tracker.log_metrics(run_id, {f"best_{sweep.metric}": summary.metric}, step=0)
-            if summary.stopped_early or summary.status == "ERROR":
-                end_trial_run(tracker, sweep.tracking.experiment, run_id, base, summary.stopped_early)
+                tracker.log_metrics(run_id, {objective: summary.metric}, step=0)
+            close_trial_run(tracker, run_id, list(base.stages), summary.stopped_early, summary.status == "ERROR")
     ranked = [s for s in summaries if s.metric is not None and s.status != "ERROR"]
     if ranked:
         best = apply_sample(base, ranked[0].values)
+        # A resumed sweep whose best trial changed keeps the first values (MLflow params never change; log_params
+        # warns): the owl2.best_trial tag and best.yaml follow the current best.
+        tracker.log_params(parent, trial_params(sweep, ranked[0].values, best.seed))
+        tracker.log_metrics(parent, {objective: ranked[0].metric}, step=0)
+        tracker.show_columns(tracker.experiment_id(sweep.tracking.experiment), [objective], list(sweep.space))
         best.name = f"{sweep.name}-best"
         best_yaml = yaml.safe_dump(redact(to_dict(best)), sort_keys=False)
         tracker.log_text(parent, best_yaml, "best.yaml")
