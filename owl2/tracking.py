@@ -375,6 +375,13 @@ class Tracker:
             raise ValueError(f"status must be one of {RUN_STATUSES}, got {status!r}")
         self.client.set_terminated(run_id, status=status)
 
+    def fail_run(self, run_id: str) -> None:
+        """End a run FAILED, unless it already ended. A sweep's driver ends a trial that its scheduler stopped,
+        and the stage run inside, KILLED as soon as Tune lets go of the trial; the trial's own process, failing
+        as Ray tears it down, may get here after that, and its FAILED must not replace the KILLED."""
+        if self.client.get_run(run_id).info.status == "RUNNING":
+            self.end_run(run_id, "FAILED")
+
     def child_runs(self, run_id: str, experiment_id: str | None = None) -> list[Any]:
         """The active runs whose parent is ``run_id`` (``mlflow.entities.Run``, latest metrics included), newest
         first. ``experiment_id``: the run's, when the caller knows it."""
@@ -411,7 +418,8 @@ class Tracker:
         tags: Mapping[str, Any] | None = None,
         resume: bool = False,
     ) -> Iterator[str]:
-        """``with tracker.run(...) as run_id:`` ends the run FINISHED, KILLED on Ctrl-C, FAILED on an error."""
+        """``with tracker.run(...) as run_id:`` ends the run FINISHED, KILLED on Ctrl-C, FAILED on an error
+        (:meth:`fail_run`)."""
         run_id = self.start_run(name, experiment, parent_run_id, tags, resume=resume)
         try:
             yield run_id
@@ -419,7 +427,7 @@ class Tracker:
             self.end_run(run_id, "KILLED")
             raise
         except BaseException:
-            self.end_run(run_id, "FAILED")
+            self.fail_run(run_id)
             raise
         self.end_run(run_id, "FINISHED")
 

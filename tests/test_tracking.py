@@ -373,6 +373,15 @@ def test_a_stopped_trial_and_the_stage_it_was_in_end_alike(tracker: Tracker):
     runs = trial("RUNNING")
     tracker.end_stopped(runs[0], "FAILED")
     assert statuses(*runs) == ["FAILED", "FINISHED", "FAILED"]
+    # Stopped by ASHA, then the trial's own process fails as Ray tears it down: its runs stay KILLED.
+    runs = trial("RUNNING")
+    tracker.end_stopped(runs[0], "KILLED")
+    for run_id in (runs[2], runs[0]):
+        tracker.fail_run(run_id)  # as owl2's trainer ends its runs on an error
+    assert statuses(*runs) == ["KILLED", "FINISHED", "KILLED"]
+    running = tracker.start_run("crashed", EXPERIMENT)
+    tracker.fail_run(running)
+    assert statuses(running) == ["FAILED"]
 
 
 def test_system_metrics_are_sampled_into_a_run_until_finished(tracker: Tracker):

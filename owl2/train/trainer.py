@@ -203,7 +203,7 @@ def run_experiment(
                 # After every stage: a later stage that fails leaves the earlier ones' results in the runs table.
                 tracker.log_headline(parent, list(experiment.stages))
     except BaseException:
-        tracker.end_run(parent, "FAILED")
+        tracker.fail_run(parent)
         raise
     finally:
         tracker.add_wall_time(parent, time.monotonic() - start)
@@ -267,7 +267,7 @@ def run_stage(
             say=say,
         )
     except BaseException:
-        tracker.end_run(run_id, "FAILED")
+        tracker.fail_run(run_id)
         raise
     finally:
         tracker.add_wall_time(run_id, time.monotonic() - start)
