@@ -85,10 +85,13 @@ ABLATIONS = sorted(EXPERIMENTS.rglob("ablations/*.yaml"))
 
 @pytest.mark.parametrize("path", ABLATIONS, ids=lambda p: str(p.relative_to(EXPERIMENTS)))
 def test_ablation_validates_with_its_base_experiment(path):
-    from owl2.ablate.run import load_ablation
+    from owl2.ablate.run import arm_experiment, load_ablation
 
     ablation, base = load_ablation(path)
     quick, quick_base = load_ablation(path, quick=True)
+    for version, version_base in ((ablation, base), (quick, quick_base)):
+        for arm in version.arms:  # every arm's experiment, as the run builds it before Ray starts
+            arm_experiment(version_base, version, arm, version.seeds[0])
     assert len(ablation.seeds) >= 3 and len(quick.seeds) >= 2 and quick.name == f"{ablation.name}-quick"
     assert sum(stage.max_steps for stage in quick_base.stages.values()) < sum(
         stage.max_steps for stage in base.stages.values()
