@@ -136,10 +136,13 @@ def compile_layers(model: nn.Module, backend: str = "inductor") -> None:
 
     ``dynamic=True``: the sequence length, the number of images and the text and visual row counts of the
     routing are symbolic from the first compile, so a new length or mix of images reuses the graph (the default,
-    static first, would compile each kind of batch twice). Still compiled apart, by design: a batch without
-    images (no routing), a single image (size 1 is specialised) and forwards without gradients (validation):
-    a few graphs per tower (``tests/test_compile.py`` counts them), below Dynamo's limit of 8 per ``forward``.
-    No ``fullgraph=True``: it would make Dynamo trace the module's hooks as well, and FSDP2's refuse tracing.
+    static first, would compile each kind of batch twice). Still compiled apart: a batch without images (no
+    routing; under FSDP2 an empty visual group), a size of 1 where it is usually larger (one image, one row:
+    Dynamo specialises it), forwards without gradients (validation), under FSDP2 with checkpointing the
+    vision blocks' recompute, and once a first length that equals a fixed width (Dynamo then takes them for one
+    size). That makes a few graphs per tower (``tests/test_compile.py`` counts them) against
+    Dynamo's limit of 8 per ``forward``, past which a new kind of batch would run eagerly (with a warning).
+    No ``fullgraph=True``: it makes Dynamo trace the hooks too, and neither FSDP2's nor the checkpoint's can be.
     """
     for stack in layer_stacks(model).values():
         for layer in stack:
