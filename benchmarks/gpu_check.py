@@ -7,17 +7,21 @@ a few minutes on an H100). It writes one JSON with a section per check, each gua
 is recorded as that section's ``error`` and the rest still runs.
 
 * ``matmul_peak``: a large bf16 matmul, timed; its TFLOP/s is the peak that every ``mfu`` below divides by.
-* ``decoder_layer``: one 7B-shaped decoder layer, with the modality-adaptive module (65 tokens an image) and
-  as transformers' plain ``LlamaDecoderLayer``, forward + backward in bf16 at T = 512 and 2048, timed by
-  ``benchmarks/layer_bench.py`` (medians). FLOPs: matmuls only, 2 per multiply-add, causal attention as the
-  lower triangle, backward = 2x forward; routed by span, the MAM layer runs the same matmuls as LLaMA's.
+* ``decoder_layer``: one 7B-shaped decoder layer, with the modality-adaptive module (65 tokens an image), the
+  same compiled as training compiles it (``stage.compile``: ``torch.compile`` per layer, inductor; its
+  ``compile_s`` is the first call's time), and as transformers' plain ``LlamaDecoderLayer``, forward + backward
+  in bf16 at T = 512 and 2048, timed by ``benchmarks/layer_bench.py`` (medians). FLOPs: matmuls only, 2 per
+  multiply-add, causal attention as the lower triangle, backward = 2x forward; routed by span, the MAM layer
+  runs the same matmuls as LLaMA's.
 * ``vision``: the ViT-L/14 at 448 px and the abstractor, forward + backward in bf16 at the stage-2 micro-batch
   (FLOPs counted by ``torch.utils.flop_counter``).
 * ``stage1_step``: one full training step of the 7B model as ``experiments/owl2_7b/stage1.yaml`` configures it
-  (micro-batch, image size, trainable set, activation checkpointing, bf16; on one GPU, unsharded, whatever
-  its ``strategy``), with the real optimizer
+  (micro-batch, image size, trainable set, activation checkpointing, bf16, its layers compiled as
+  ``compile: auto`` does on a GPU; on one GPU, unsharded, whatever its ``strategy``), with the real optimizer
   (``build_optimizer``) and precision policy (``parallel.prepare_precision``), and its peak memory;
-  ``stage1_step_other_checkpointing`` the same with activation checkpointing the other way round.
+  ``stage1_step_other_checkpointing`` the same with activation checkpointing the other way round, and
+  ``stage1_step_other_compile`` with compilation the other way round (eager on a GPU): whether compiling pays
+  for a whole step.
 * ``stage2_step``: the same for stage 2 at full depth without optimizer state (its AdamW state only fits
   sharded), and ``stage2_step_full_state``: the deepest stage-2 model whose whole training state fits.
   Each step reports its peak memory next to ``owl2.plan``'s estimate for that configuration on one GPU.
@@ -26,8 +30,9 @@ is recorded as that section's ``error`` and the rest still runs.
   (``benchmarks/packing_bench.py``, two decoder layers at full width): the varlen kernel against SDPA's causal
   flash one, their times and how far the packed loss and gradients are from the padded ones.
 
-Timings use CUDA events after warm-up. ``--cpu-smoke`` runs the same code on the CPU at reduced sizes (the
-``debug`` preset, short sequences, ``perf_counter``) so that ``tests/test_gpu_check.py`` keeps it working.
+Timings use CUDA events after warm-up (compilation happens in the warm-up). ``--cpu-smoke`` runs the same code on
+the CPU at reduced sizes (the ``debug`` preset, short sequences, ``perf_counter``, Dynamo's ``eager`` backend
+where the GPU run compiles with inductor) so that ``tests/test_gpu_check.py`` keeps it working.
 Without a visible GPU and without ``--cpu-smoke`` it exits with status 2.
 """
 
@@ -65,6 +70,11 @@ class Bench:
     @property
     def cuda(self) -> bool:
         return self.device.type == "cuda"
+
+    @property
+    def compile_backend(self) -> str:
+        """Inductor on the GPU, as training compiles; the smoke run only traces (its timings mean nothing)."""
+        return "eager" if self.smoke else "inductor"
 
     def spec(self, decoder_layers: int | None = None) -> Any:
         from owl2.config import ModelConfig
@@ -146,7 +156,7 @@ def layer_flops(decoder: Any, length: int) -> float:
 
 
 def decoder_layer(bench: Bench) -> dict[str, Any]:
-    """One modality-adaptive layer and one plain LLaMA layer, timed by ``layer_bench`` (bf16)."""
+    """One modality-adaptive layer, eager and compiled, and one plain LLaMA layer, timed by ``layer_bench`` (bf16)."""
     from layer_bench import time_layers
 
     decoder = bench.spec().decoder
@@ -154,9 +164,16 @@ def decoder_layer(bench: Bench) -> dict[str, Any]:
     result = {}
     for length in (16, 64) if bench.smoke else (512, 2048):
         visual = min(VISUAL_TOKENS, length // 2)
-        times = time_layers(decoder, 1, length, visual, bench.device, torch.bfloat16, warmup, iters)
-        for name, seconds in (("modality_adaptive", times["mam_s"]), ("llama", times["llama_s"])):
-            result[f"{name}_T{length}"] = {"length": length, **bench.rate(layer_flops(decoder, length), seconds)}
+        times = time_layers(
+            decoder, 1, length, visual, bench.device, torch.bfloat16, warmup, iters, bench.compile_backend
+        )
+        for name, key in (
+            ("modality_adaptive", "mam_s"),
+            ("modality_adaptive_compiled", "compiled_s"),
+            ("llama", "llama_s"),
+        ):
+            result[f"{name}_T{length}"] = {"length": length, **bench.rate(layer_flops(decoder, length), times[key])}
+        result[f"modality_adaptive_compiled_T{length}"]["compile_s"] = times["compile_s"]
     return result
 
 
@@ -208,8 +225,7 @@ def random_model(bench: Bench, spec: Any, stage: Any) -> torch.nn.Module:
     model.set_image_size(stage.image_size)
     apply_trainable(model, stage.trainable)
     parallel.prepare_precision(model, stage, bench.device)
-    if stage.activation_checkpointing:
-        parallel.apply_activation_checkpointing(model)
+    parallel.prepare_layers(model, stage, bench.device, bench.compile_backend)
     return model.train()
 
 
@@ -267,15 +283,25 @@ def plan_estimate(bench: Bench, spec: Any, stage: Any, *, optimizer: bool) -> di
 
 
 def stage_step(
-    bench: Bench, name: str, *, layers: int | None = None, optimizer: bool = True, checkpointing: bool | None = None
+    bench: Bench,
+    name: str,
+    *,
+    layers: int | None = None,
+    optimizer: bool = True,
+    checkpointing: bool | None = None,
+    compiled: bool | None = None,
 ) -> dict[str, Any]:
-    """One warm-up and one timed training step of the recipe's stage (activation checkpointing as configured
-    unless ``checkpointing`` says); peak memory over both."""
+    """One warm-up (which compiles, where the stage compiles) and one timed training step of the recipe's stage
+    (activation checkpointing and compilation as configured unless ``checkpointing`` or ``compiled`` says); peak
+    memory over both."""
     from owl2.train.optim import build_optimizer
+    from owl2.train.parallel import use_compile
 
     stage = bench.stage(name)
     if checkpointing is not None:
         stage = dataclasses.replace(stage, activation_checkpointing=checkpointing)
+    if compiled is not None:
+        stage = dataclasses.replace(stage, compile=compiled)
     spec = bench.spec(layers)
     bench.reset_peak()
     model = random_model(bench, spec, stage)
@@ -289,6 +315,7 @@ def stage_step(
         "image_size": stage.image_size,
         "trainable": stage.trainable,
         "activation_checkpointing": stage.activation_checkpointing,
+        "compiled": use_compile(stage, bench.device),
         "optimizer": optimizer,
         "step_seconds": seconds,
         "peak_memory_gb": bench.peak_gb(),
@@ -352,12 +379,14 @@ def packing(bench: Bench) -> dict[str, Any]:
 
 
 def guarded(check: Callable[[], dict[str, Any]], bench: Bench) -> dict[str, Any]:
-    """Run one check; an exception becomes its ``error``. Memory is released for the next check."""
+    """Run one check; an exception becomes its ``error``. Memory and compiled graphs are released for the next
+    check (each compiles what it runs in its own warm-up)."""
     start = time.perf_counter()
     try:
         result = check()
     except Exception as error:  # noqa: BLE001 - recorded, and the other checks still run
         result = {"error": f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"[:400]}
+    torch._dynamo.reset()
     gc.collect()
     if bench.cuda:
         torch.cuda.empty_cache()
@@ -366,6 +395,8 @@ def guarded(check: Callable[[], dict[str, Any]], bench: Bench) -> dict[str, Any]
 
 
 def run(bench: Bench) -> dict[str, Any]:
+    from owl2.train.parallel import use_compile
+
     checks: dict[str, Callable[[], dict[str, Any]]] = {
         "matmul_peak": lambda: matmul_peak(bench),
         "decoder_layer": lambda: decoder_layer(bench),
@@ -373,6 +404,9 @@ def run(bench: Bench) -> dict[str, Any]:
         "stage1_step": lambda: stage_step(bench, "stage1"),
         "stage1_step_other_checkpointing": lambda: stage_step(
             bench, "stage1", checkpointing=not bench.stage("stage1").activation_checkpointing
+        ),
+        "stage1_step_other_compile": lambda: stage_step(
+            bench, "stage1", compiled=not use_compile(bench.stage("stage1"), bench.device)
         ),
         "stage2_step": lambda: stage_step(bench, "stage2", optimizer=False),
         "stage2_step_full_state": lambda: stage_step(bench, "stage2", layers=deepest_full_state(bench)),

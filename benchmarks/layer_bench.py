@@ -1,21 +1,26 @@
 """Forward + backward time of N owl2 decoder layers against N plain LLaMA layers of the same width.
 
     python benchmarks/layer_bench.py --device cpu --hidden 1024 --layers 2 --tokens 512 [--heads 8]
-        [--visual-share 0.127] [--warmup 2] [--iters 7] [--json]
+        [--visual-share 0.127] [--warmup 2] [--iters 7] [--compile [--backend inductor]] [--json]
 
-Three stacks run on the same input (one row of ``--tokens`` tokens, an image span of ``visual_share x tokens``
-tokens after the first one, as in a stage-2 sample: 65 image tokens among about 512):
+Three stacks (four with ``--compile``) run on the same input (one row of ``--tokens`` tokens, an image span of
+``visual_share x tokens`` tokens after the first one, as in a stage-2 sample: 65 image tokens among about 512):
 
 * ``after``: owl2's ``DecoderLayer`` (the modality-adaptive module, routed by span: each per-modality copy runs
   on its own tokens only), the routing built from the host-known count as the decoder builds it per forward;
 * ``before``: the same layers run the way owl2 routed before (both copies of every per-modality module on every
   token, ``torch.where`` picking per token), constructed here from the same weights;
 * ``plain``: transformers' ``LlamaDecoderLayer`` (SDPA), intermediate width hidden x 11008 / 4096 rounded up to
-  a multiple of 32, as the presets do.
+  a multiple of 32, as the presets do;
+* ``compiled`` (``--compile``): the ``after`` layers, each compiled as training compiles it (``stage.compile``:
+  ``owl2.train.parallel.compile_layer``, ``--backend`` inductor by default); the first call, which compiles, is
+  timed apart as ``compile_s``.
 
-Each stack's time is the median over ``--iters`` timed runs after ``--warmup`` runs, the three stacks taking
-turns so that a busy machine slows them alike (CUDA events on a GPU). ``--json`` prints
-``{"mam_s", "llama_s", "ratio", "before_s", "before_ratio", ...}`` (ratio = mam_s / llama_s); otherwise a table.
+Each stack's time is the median over ``--iters`` timed runs after ``--warmup`` runs, the stacks taking turns so
+that a busy machine slows them alike (CUDA events on a GPU). ``--json`` prints
+``{"mam_s", "llama_s", "ratio", "before_s", "before_ratio", ...}`` (ratio = mam_s / llama_s), with ``--compile``
+also ``compiled_s``, ``compiled_ratio`` (compiled_s / llama_s), ``compile_speedup`` (mam_s / compiled_s) and
+``compile_s``; otherwise a table.
 fp32 on the CPU, bf16 on CUDA. On a CPU shared with other work, ``OMP_NUM_THREADS=1`` gives steadier numbers:
 preempted OpenMP threads slow the stacks of more, smaller kernels (owl2's) more than the others.
 """
@@ -38,6 +43,7 @@ from transformers.models.llama.modeling_llama import LlamaDecoderLayer, LlamaRot
 
 from owl2.config import ConfigError, DecoderConfig
 from owl2.model.decoder import Attention, DecoderLayer, Multiway, Partition, llama_config
+from owl2.train.parallel import compile_layer
 
 VISUAL_SHARE = 65 / 512
 """A stage-2 sample: one 7B image (64 queries + end-of-image) among about 512 tokens."""
@@ -108,7 +114,13 @@ class WhereRouted(nn.Module):
 
 
 def _stacks(
-    decoder: DecoderConfig, layers: int, tokens: int, visual_tokens: int, device: torch.device, dtype: torch.dtype
+    decoder: DecoderConfig,
+    layers: int,
+    tokens: int,
+    visual_tokens: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    compile_backend: str | None = None,
 ) -> dict[str, Callable[[], None]]:
     """One forward + backward closure per stack, on the same input and output gradient."""
     llama = llama_config(decoder)
@@ -141,7 +153,13 @@ def _stacks(
         hidden.backward(grad)
 
     steps = {"after": owl2_step(mam), "before": owl2_step(before), "plain": plain_step}
-    modules = (mam, before, plain)
+    modules = [mam, before, plain]
+    if compile_backend is not None:
+        compiled = copy.deepcopy(mam)  # copied before compiling: a copy of a compiled layer would run the original
+        for layer in compiled:
+            compile_layer(layer, compile_backend)
+        steps["compiled"] = owl2_step(compiled)
+        modules.append(compiled)
 
     def fresh(step: Callable[[], None]) -> Callable[[], None]:
         def run() -> None:
@@ -178,16 +196,22 @@ def time_layers(
     dtype: torch.dtype,
     warmup: int = 2,
     iters: int = 7,
+    compile_backend: str | None = None,
 ) -> dict[str, float]:
     """Median seconds of one forward + backward of ``layers`` layers over ``tokens`` tokens, per stack.
 
     Returns ``mam_s`` (owl2, routed by span), ``before_s`` (owl2 with ``torch.where`` routing), ``llama_s``
-    (plain ``LlamaDecoderLayer``), ``ratio = mam_s / llama_s`` and ``before_ratio = before_s / llama_s``.
+    (plain ``LlamaDecoderLayer``), ``ratio = mam_s / llama_s`` and ``before_ratio = before_s / llama_s``. With a
+    ``compile_backend`` also ``compiled_s`` (owl2's layers compiled by it), ``compiled_ratio = compiled_s /
+    llama_s``, ``compile_speedup = mam_s / compiled_s`` and ``compile_s`` (the first, compiling call).
     """
     if not 0 <= visual_tokens < tokens:
         raise ValueError(f"visual_tokens ({visual_tokens}) must lie in [0, tokens={tokens})")
     torch.manual_seed(0)
-    steps = _stacks(decoder, layers, tokens, visual_tokens, device, dtype)
+    steps = _stacks(decoder, layers, tokens, visual_tokens, device, dtype, compile_backend)
+    result = {}
+    if "compiled" in steps:
+        result["compile_s"] = _seconds(steps["compiled"], device)
     for _ in range(warmup):
         for run in steps.values():
             run()
@@ -196,7 +220,11 @@ def time_layers(
         for name, run in steps.items():
             samples[name].append(_seconds(run, device))
     mam, before, llama = (statistics.median(samples[name]) for name in ("after", "before", "plain"))
-    return {"mam_s": mam, "before_s": before, "llama_s": llama, "ratio": mam / llama, "before_ratio": before / llama}
+    result |= {"mam_s": mam, "before_s": before, "llama_s": llama, "ratio": mam / llama, "before_ratio": before / llama}
+    if "compiled" in samples:
+        compiled = statistics.median(samples["compiled"])
+        result |= {"compiled_s": compiled, "compiled_ratio": compiled / llama, "compile_speedup": mam / compiled}
+    return result
 
 
 # ------------------------------------------------------------------------------------------ command line
@@ -213,8 +241,15 @@ def _table(result: dict[str, Any]) -> str:
         f"{result['intermediate']}), {result['tokens']} tokens of which {result['visual_tokens']} visual, "
         f"{result['device']} {result['dtype']}; forward + backward, median of {result['iters']}"
     )
+    if "compiled_s" in result:
+        rows.append((f"compiled: after, {result['backend']} per layer", result["compiled_s"]))
     lines = [head, f"{'':36} {'seconds':>9} {'vs plain':>9}"]
     lines += [f"{name:36} {seconds:9.4f} {seconds / result['llama_s']:9.3f}" for name, seconds in rows]
+    if "compiled_s" in result:
+        lines.append(
+            f"compiled is {result['compile_speedup']:.2f}x as fast as after; its first call, compiling, took "
+            f"{result['compile_s']:.1f} s"
+        )
     return "\n".join(lines)
 
 
@@ -228,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--visual-share", type=float, default=VISUAL_SHARE)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--iters", type=int, default=7)
+    parser.add_argument("--compile", action="store_true", help="also time the owl2 layers torch.compile'd")
+    parser.add_argument("--backend", default="inductor", help="torch.compile backend for --compile (inductor)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -241,10 +278,15 @@ def main(argv: list[str] | None = None) -> int:
     if not (0 <= args.visual_share < 1 and args.layers > 0 and args.tokens > 1 and args.iters > 0):
         print("layer_bench: need 0 <= --visual-share < 1, --layers > 0, --tokens > 1, --iters > 0", file=sys.stderr)
         return 2
+    backends = torch._dynamo.list_backends(exclude_tags=())
+    if args.compile and args.backend not in backends:
+        print(f"layer_bench: --backend {args.backend!r} is not a torch.compile backend: {backends}", file=sys.stderr)
+        return 2
     device = torch.device(args.device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     visual = round(args.visual_share * args.tokens)
-    result = time_layers(decoder, args.layers, args.tokens, visual, device, dtype, args.warmup, args.iters)
+    backend = args.backend if args.compile else None
+    result = time_layers(decoder, args.layers, args.tokens, visual, device, dtype, args.warmup, args.iters, backend)
     result.update(
         layers=args.layers,
         hidden=args.hidden,
@@ -255,6 +297,7 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
         dtype=str(dtype).removeprefix("torch."),
         iters=args.iters,
+        backend=backend,
     )
     print(json.dumps(result) if args.json else _table(result))
     return 0

@@ -2,12 +2,14 @@
 
 import os
 import random
+import socket
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
 # Set before anything imports transformers/huggingface_hub, which read these once.
@@ -152,6 +154,17 @@ class OpRecorder(TorchDispatchMode):
 @pytest.fixture
 def op_recorder() -> OpRecorder:
     return OpRecorder()
+
+
+@pytest.fixture
+def single_process_group() -> Iterator[None]:
+    """A gloo process group of this process alone (DDP and FSDP2 on one CPU rank)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
 
 
 def _spm_corpus(n: int = 400) -> list[str]:

@@ -154,6 +154,7 @@ def test_nested_section_errors_name_the_full_key():
         ("stages.stage1.max_steps=0", r"^stages.stage1.max_steps must be positive, got 0$"),
         ("stages.stage1.global_batch_size=0", r"^stages.stage1.global_batch_size must be positive, got 0$"),
         ("stages.stage2.precision=fp16", r"^stages.stage2.precision 'fp16' must be one of \['auto', 'bf16', 'fp32'\]"),
+        ("stages.stage2.compile=always", r"^stages.stage2.compile 'always' must be true, false or auto"),
         ("stages.stage2.trainable=[]", r"^stages.stage2.trainable must name at least one part"),
         ("stages.stage1.max_nonfinite_steps=-1", r"^stages.stage1.max_nonfinite_steps must be >= 0, got -1$"),
         ("stages.stage1.optim.warmup_steps=100000", r"^stages.stage1.optim.warmup_steps \(100000\) exceeds the stage"),

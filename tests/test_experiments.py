@@ -60,6 +60,14 @@ def test_paper_recipe_numbers():
     assert stage2.optim.layer_decay == 0.9 and stage2.precision == stage1.precision == "bf16"
 
 
+def test_the_7b_recipe_compiles_its_layers_on_gpus_and_the_tiny_one_never():
+    big = load_experiment(EXPERIMENTS / "owl2_7b" / "pipeline.yaml")
+    tiny = load_experiment(EXPERIMENTS / "tiny_cpu" / "pipeline.yaml", ["stages.stage1.compile=on"])
+    assert [stage.compile for stage in big.stages.values()] == ["auto", "auto"] and big.resources.use_gpu
+    # YAML reads on/off as booleans, which the key takes as they are.
+    assert [stage.compile for stage in tiny.stages.values()] == [True, False]
+
+
 def test_overrides_address_stages_by_name_and_bad_keys_are_named():
     path = EXPERIMENTS / "tiny_cpu" / "pipeline.yaml"
     experiment = load_experiment(path, ["stages.stage2.optim.lr=5e-4", "resources.num_workers=1"])

@@ -18,6 +18,7 @@ STEP_KEYS = {
     "image_size",
     "trainable",
     "activation_checkpointing",
+    "compiled",
     "optimizer",
     "step_seconds",
     "peak_memory_gb",
@@ -47,8 +48,11 @@ def test_cpu_smoke_writes_every_check(tmp_path):
     assert result["matmul_peak"]["tflops"] > 0
     layers = result["decoder_layer"]
     assert {key for key in layers if key != "check_seconds"} == {
-        f"{kind}_T{length}" for kind in ("modality_adaptive", "llama") for length in (16, 64)
+        f"{kind}_T{length}"
+        for kind in ("modality_adaptive", "modality_adaptive_compiled", "llama")
+        for length in (16, 64)
     }
+    assert layers["modality_adaptive_compiled_T64"]["compile_s"] > 0
     # Same width and length: routed by span, the modality-adaptive layer runs the same matmuls as LLaMA's.
     assert layers["modality_adaptive_T64"]["flops"] == layers["llama_T64"]["flops"] > layers["llama_T16"]["flops"]
     for rate in [value for key, value in layers.items() if key != "check_seconds"] + [
@@ -57,7 +61,8 @@ def test_cpu_smoke_writes_every_check(tmp_path):
     ]:
         assert RATE_KEYS <= set(rate) and rate["flops"] > 0 and rate["mfu"] > 0
 
-    for name in ("stage1_step", "stage1_step_other_checkpointing", "stage2_step", "stage2_step_full_state"):
+    steps = ("stage1_step", "stage1_step_other_checkpointing", "stage1_step_other_compile", "stage2_step")
+    for name in (*steps, "stage2_step_full_state"):
         assert set(result[name]) == STEP_KEYS, name
         assert result[name]["step_seconds"] > 0 and result[name]["peak_memory_gb"] is None  # no CUDA
     assert result["stage1_step"]["trainable"] == ["vision", "abstractor", "decoder.visual"]
@@ -65,6 +70,8 @@ def test_cpu_smoke_writes_every_check(tmp_path):
     assert result["stage2_step"]["activation_checkpointing"]  # as stage2.yaml asks
     other = result["stage1_step_other_checkpointing"]
     assert other["activation_checkpointing"] != result["stage1_step"]["activation_checkpointing"]
+    # compile: auto leaves the CPU eager; the other way round compiles (Dynamo's eager backend in the smoke run).
+    assert not result["stage1_step"]["compiled"] and result["stage1_step_other_compile"]["compiled"]
     for name in ("stage1_step", "stage2_step_full_state"):  # owl2.plan's estimate, AdamW state included
         plan = result[name]["plan_estimate_gb"]
         assert set(plan) == PLAN_KEYS and plan["optimizer"] > 0 and plan["activations"] > 0

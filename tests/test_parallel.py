@@ -495,16 +495,6 @@ def test_no_gpu_no_memory_metric():
     assert parallel.peak_memory_gb(torch.device("cpu")) is None
 
 
-@pytest.fixture
-def single_process_group():
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-    yield
-    dist.destroy_process_group()
-
-
 def test_ddp_with_checkpointing_and_text_only_micro_batches(single_process_group):
     """What ``wrap`` builds for DDP (without Ray's helper): checkpointing composes with unused-parameter search
     and gradients that are views into DDP's buckets, over micro-batches that skip the all-reduce."""

@@ -193,14 +193,16 @@ def test_a_training_step_reads_nothing_back(model, op_recorder):
 def test_layer_bench_prints_its_json():
     environment = {**os.environ, "PYTHONPATH": str(LAYER_BENCH.parents[1]), "OMP_NUM_THREADS": "1"}
     args = ["--hidden", "64", "--heads", "2", "--layers", "2", "--tokens", "24", "--warmup", "0", "--iters", "1"]
+    compiled = ["--compile", "--backend", "eager"]  # Dynamo alone: the compiled stack's code, not its speed
     done = subprocess.run(
-        [sys.executable, str(LAYER_BENCH), *args, "--json"], capture_output=True, text=True, env=environment
+        [sys.executable, str(LAYER_BENCH), *args, *compiled, "--json"], capture_output=True, text=True, env=environment
     )
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
-    assert {"mam_s", "llama_s", "ratio", "before_s"} <= set(result)
-    assert all(result[key] > 0 for key in ("mam_s", "llama_s", "ratio", "before_s"))
+    keys = ("mam_s", "llama_s", "ratio", "before_s", "compiled_s", "compile_speedup", "compile_s")
+    assert all(result[key] > 0 for key in keys)
     assert result["visual_tokens"] == 3 and result["intermediate"] == 192  # 24 x 65/512; 64 x 11008/4096 -> 32s
+    assert result["backend"] == "eager"
 
     bad = subprocess.run(
         [sys.executable, str(LAYER_BENCH), "--hidden", "66", "--heads", "4"],
@@ -209,3 +211,10 @@ def test_layer_bench_prints_its_json():
         env=environment,
     )
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "decoder.num_heads" in bad.stderr
+    unknown = subprocess.run(
+        [sys.executable, str(LAYER_BENCH), *args, "--compile", "--backend", "fast"],
+        capture_output=True,
+        text=True,
+        env=environment,
+    )
+    assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1 and "'fast'" in unknown.stderr

@@ -29,6 +29,7 @@ from owl2.config.experiment import (
 from owl2.config.loading import build, load_yaml, merge, parse_overrides, to_dict
 from owl2.config.model import MODEL_PRESETS, PROJECTORS, AbstractorConfig, DecoderConfig, ModelConfig, VisionConfig
 from owl2.config.stage import (
+    COMPILE_MODES,
     EVAL_SUITES,
     PRECISIONS,
     STRATEGIES,
@@ -41,6 +42,7 @@ from owl2.config.stage import (
 from owl2.config.sweep import DISTRIBUTIONS, SCHEDULERS, SEARCH_ALGORITHMS, SchedulerConfig, SweepConfig
 
 __all__ = [
+    "COMPILE_MODES",
     "DATA_FORMATS",
     "DIRECTIONS",
     "DISTRIBUTIONS",

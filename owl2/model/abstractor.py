@@ -141,7 +141,9 @@ class VisualAbstractor(nn.Module):
         """
         image_pos = self._image_positions(image.shape[1]).to(image.dtype)
         query_pos = self.query_pos.to(image.dtype)
-        queries = self.queries.expand(image.shape[0], -1, -1)
+        # A tensor of its own, as every later layer gets: a compiled layer then serves all layers with one graph (an
+        # expanded, stride-0 view of the parameter would need a graph of its own).
+        queries = self.queries.repeat(image.shape[0], 1, 1)
         for layer in self.layers:
             queries = layer(queries, image, query_pos, image_pos)
         tokens = torch.cat([self.proj(queries), self.eos.expand(image.shape[0], -1, -1)], dim=1)

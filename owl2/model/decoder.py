@@ -190,10 +190,10 @@ class Attention:
 
     Packed rows on CUDA take ``varlen_attn`` rather than FlexAttention with a ``BlockMask``: varlen calls the flash
     kernel SDPA uses (or cuDNN's) directly, runs only each sample's causal blocks, and needs neither
-    ``torch.compile`` (FlexAttention without it materialises the scores; owl2 does not compile the model, and
-    packed shapes change every batch) nor a block mask built per batch. Off CUDA FlexAttention has no backward
-    (torch 2.14), so the boolean block-diagonal mask through SDPA is the CPU path; both start from the same sample
-    boundaries (:func:`sample_starts`, :func:`packed_attention`).
+    ``torch.compile`` (FlexAttention without it materialises the scores; owl2 compiles layer by layer at most,
+    ``stage.compile``, and packed shapes change every batch) nor a block mask built per batch. Off CUDA
+    FlexAttention has no backward (torch 2.14), so the boolean block-diagonal mask through SDPA is the CPU path;
+    both start from the same sample boundaries (:func:`sample_starts`, :func:`packed_attention`).
     """
 
     mask: torch.Tensor | None = None
@@ -202,12 +202,13 @@ class Attention:
     dtype: torch.dtype | None = None
     """For ``cu_seqlens``: the half-precision dtype the kernel runs in (autocast does not reach ``varlen_attn``)."""
 
-    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q ``[B, H, Q, Dh]``, k and v ``[B, H_kv, S, Dh]`` (views of any strides) -> ``[B, Q, H * Dh]``."""
-        gqa = q.shape[1] != k.shape[1]
+    def __call__(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, grouped: bool) -> torch.Tensor:
+        """q ``[B, H, Q, Dh]``, k and v ``[B, H_kv, S, Dh]`` (views of any strides) -> ``[B, Q, H * Dh]``;
+        ``grouped``: ``H_kv < H``. The layer's own bool, not ``H != H_kv`` from the shapes: a compiler with dynamic
+        shapes sees the head counts of a layer under FSDP2 as symbolic, and the kernels take no symbolic bool."""
         if self.cu_seqlens is None:
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=self.mask, is_causal=self.mask is None, enable_gqa=gqa
+                q, k, v, attn_mask=self.mask, is_causal=self.mask is None, enable_gqa=grouped
             )
             return out.transpose(1, 2).flatten(2)
         from torch.nn.attention.varlen import varlen_attn
@@ -219,7 +220,7 @@ class Attention:
 
         cu, longest = self.cu_seqlens, self.longest
         out = varlen_attn(
-            tokens(q), tokens(k), tokens(v), cu, cu, longest, longest, window_size=(-1, 0), enable_gqa=gqa
+            tokens(q), tokens(k), tokens(v), cu, cu, longest, longest, window_size=(-1, 0), enable_gqa=grouped
         )
         return out.view(batch, length, heads * head_dim)
 
@@ -234,6 +235,7 @@ class ModalityAdaptiveAttention(nn.Module):
         self.num_heads = config.num_heads
         self.num_kv_heads = config.num_kv_heads
         self.head_dim = config.head_dim
+        self.grouped = config.num_kv_heads != config.num_heads
         kv_width = config.num_kv_heads * config.head_dim
         self.q_proj = nn.Linear(config.hidden_size, config.num_heads * config.head_dim, bias=False)
         self.k_proj = per_modality(config, lambda: nn.Linear(config.hidden_size, kv_width, bias=False))
@@ -266,7 +268,7 @@ class ModalityAdaptiveAttention(nn.Module):
         if cache is not None:
             # Cached after the modality-specific projection: image keys keep their visual branch.
             k, v = cache.update(k, v, self.layer_idx)
-        return self.o_proj(attention(q, k, v))
+        return self.o_proj(attention(q, k, v, self.grouped))
 
 
 class DecoderLayer(GradientCheckpointingLayer):

@@ -96,7 +96,8 @@ class CheckpointEval:
 
     def run(self, model: torch.nn.Module, step: int, dtype: torch.dtype = torch.float32) -> EvalOutcome:
         """Answer and score the suite with ``model`` (the bare model, not its DDP wrapper) in eval mode under
-        ``no_grad`` (bf16 autocast when ``dtype`` is bfloat16, as training computes); its mode is restored."""
+        ``no_grad`` (bf16 autocast when ``dtype`` is bfloat16, as training computes), eagerly even where the stage
+        compiled the layers; its mode is restored."""
         suite, tokenizer = self.suite(), self.tokenizer()
         items = suite.items
         start = time.perf_counter()
@@ -106,6 +107,10 @@ class CheckpointEval:
             with (
                 torch.no_grad(),
                 torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=dtype == torch.bfloat16),
+                # Layers the stage compiled run eagerly here: with the KV cache they would compile again per layer
+                # and per length, up to Dynamo's limit of graphs per forward, and a kind of training batch not seen
+                # yet would then run uncompiled.
+                torch.compiler.set_stance("force_eager"),
             ):
                 replies = generate_items(
                     model,

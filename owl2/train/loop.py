@@ -219,8 +219,9 @@ class StageRun:
         # bf16 stages keep frozen weights in bf16 (no fp32 copy, no per-forward cast), fp32 masters for the rest.
         parallel.prepare_precision(model, self.stage, self.device)
         model.train()
-        # DDP or FSDP2 (with activation checkpointing if asked). FSDP2 replaces the parameters by shards, so the
-        # optimizer is built from the wrapped model, and a resumed optimizer state is loaded into it afterwards.
+        # DDP or FSDP2, with activation checkpointing and per-layer torch.compile if asked (compile: auto is on for
+        # GPUs). FSDP2 replaces the parameters by shards, so the optimizer is built from the wrapped model, and a
+        # resumed optimizer state is loaded into it afterwards.
         self.wrapped = parallel.wrap(model, self.stage, self.device)
 
     def _build_optimizer(self, resume: Any) -> None:

@@ -1,9 +1,11 @@
-"""Data parallelism for the train loop: DDP or FSDP2, activation checkpointing, and strategy-free helpers.
+"""Data parallelism for the train loop: DDP or FSDP2, activation checkpointing, compilation, and strategy-free
+helpers.
 
 ``prepare_precision`` stores each parameter in the dtype the stage needs (frozen ones in bf16 under bf16), then
-``wrap`` turns the bare ``Owl2ForCausalLM`` into what the loop trains; everything the loop does that depends on
-the strategy goes through a helper here (gradient sync during accumulation, clipping, checkpoint state in and
-out), so ``loop.py`` never asks which strategy runs. The model itself holds no distribution code.
+``wrap`` turns the bare ``Owl2ForCausalLM`` into what the loop trains (checkpointing, then ``torch.compile`` of
+every layer, then DDP or FSDP2); everything the loop does that depends on the strategy goes through a helper
+here (gradient sync during accumulation, clipping, checkpoint state in and out), so ``loop.py`` never asks
+which strategy runs. The model itself holds no distribution code.
 
 FSDP2 (``torch.distributed.fsdp.fully_shard``) shards every decoder layer, vision block and abstractor layer
 as its own unit, then the root, which keeps the rest (embeddings, head, norms, the vision stem, the
@@ -118,18 +120,63 @@ def apply_activation_checkpointing(model: nn.Module) -> None:
         checkpoint(layer)
 
 
+def use_compile(stage: StageConfig, device: torch.device) -> bool:
+    """Whether the stage compiles its layers: ``compile: true``, or ``auto`` on a GPU."""
+    return stage.compile is True or (stage.compile == "auto" and device.type == "cuda")
+
+
+def compile_layers(model: nn.Module, backend: str = "inductor") -> None:
+    """``torch.compile`` every layer of the three towers, each on its own: not the whole model, whose forward
+    splices images into the sequence with shapes known only on the host (torchtitan compiles per block too).
+
+    In place (``nn.Module.compile``): no wrapper module, so parameter names and state-dict keys stay those of
+    the bare model (no ``_orig_mod.``). Dynamo compiles the layer's ``forward`` and leaves the module's hooks
+    (FSDP2's, the abstractor's checkpoint) to run around it eagerly. The layers of a tower share the code of one
+    ``forward`` and, their parameters being graph inputs, its compiled graphs.
+
+    ``dynamic=True``: the sequence length, the number of images and the text and visual row counts of the
+    routing are symbolic from the first compile, so a new length or mix of images reuses the graph (the default,
+    static first, would compile each kind of batch twice). Still compiled apart: a batch without images (no
+    routing; under FSDP2 an empty visual group), a size of 1 where it is usually larger (one image, one row:
+    Dynamo specialises it), forwards without gradients (validation), under FSDP2 with checkpointing the
+    vision blocks' recompute, and once a first length that equals a fixed width (Dynamo then takes them for one
+    size). That makes a few graphs per tower (``tests/test_compile.py`` counts them) against
+    Dynamo's limit of 8 per ``forward``, past which a new kind of batch would run eagerly (with a warning).
+    No ``fullgraph=True``: it makes Dynamo trace the hooks too, and neither FSDP2's nor the checkpoint's can be.
+    """
+    for stack in layer_stacks(model).values():
+        for layer in stack:
+            compile_layer(layer, backend)
+
+
+def compile_layer(layer: nn.Module, backend: str = "inductor") -> None:
+    """One layer compiled in place as :func:`compile_layers` compiles each (lazily: at its first call)."""
+    layer.compile(backend=backend, dynamic=True)
+
+
+def prepare_layers(model: nn.Module, stage: StageConfig, device: torch.device, backend: str = "inductor") -> None:
+    """Activation checkpointing, then compilation of every layer, as the stage asks; before FSDP2's
+    ``fully_shard`` (torchtitan's order: checkpoint, compile each block, shard). The decoder layers checkpoint
+    inside their compiled ``forward``; the vision blocks and abstractor layers are compiled inside their
+    checkpoint."""
+    if stage.activation_checkpointing:
+        apply_activation_checkpointing(model)
+    if use_compile(stage, device):
+        compile_layers(model, backend)
+
+
 def wrap(
     model: nn.Module, stage: StageConfig, device: torch.device, mesh: Any = None, *, defer_fsdp_sync: bool = False
 ) -> nn.Module:
-    """The stage's data-parallel model: ``model`` under DDP (through Ray Train) or sharded with FSDP2.
+    """The stage's data-parallel model: ``model`` under DDP (through Ray Train) or sharded with FSDP2, its layers
+    checkpointed and compiled as the stage asks (:func:`prepare_layers`).
 
     Call it after ``apply_trainable`` and :func:`prepare_precision`, before building the optimizer. ``mesh``
     (FSDP2 only) defaults to one dimension over the whole process group. ``defer_fsdp_sync`` makes
     :func:`gradient_sync` skip FSDP2's reduce-scatter on all but the last micro-batch (see there); it is
     recorded on the returned model.
     """
-    if stage.activation_checkpointing:
-        apply_activation_checkpointing(model)
+    prepare_layers(model, stage, device)
     if stage.strategy == "fsdp":
         wrapped = shard(model, mesh, bf16=use_bf16(stage, device), device=device)
         wrapped._owl2_defer_sync = defer_fsdp_sync
