@@ -382,6 +382,16 @@ class Tracker:
         if self.client.get_run(run_id).info.status == "RUNNING":
             self.end_run(run_id, "FAILED")
 
+    def wait_ended(self, run_ids: Sequence[str], timeout_s: float = 30.0) -> None:
+        """Wait until none of ``run_ids`` is RUNNING, or ``timeout_s`` has passed (a process that was killed
+        never ends its runs)."""
+        deadline = time.monotonic() + timeout_s
+        pending = list(run_ids)
+        while pending and time.monotonic() < deadline:
+            pending = [run_id for run_id in pending if self.client.get_run(run_id).info.status == "RUNNING"]
+            if pending:
+                time.sleep(0.5)
+
     def child_runs(self, run_id: str, experiment_id: str | None = None) -> list[Any]:
         """The active runs whose parent is ``run_id`` (``mlflow.entities.Run``, latest metrics included), newest
         first. ``experiment_id``: the run's, when the caller knows it."""

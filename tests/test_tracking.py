@@ -7,6 +7,7 @@ import math
 import os
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
@@ -349,6 +350,16 @@ def test_a_trial_logs_only_its_swept_values_seed_and_objective(tracker: Tracker)
     }
     # The shared stages' run: the same seed and objective, so comparing it with the trials adds no axis.
     assert trial_params(sweep, {}, seed=3) == {"seed": 3, "objective": "min val_loss"}
+
+
+def test_waiting_for_runs_that_another_process_ends(tracker: Tracker):
+    ended_soon, never_ended = tracker.start_run("ended-soon", EXPERIMENT), tracker.start_run("killed", EXPERIMENT)
+    threading.Timer(1.0, tracker.end_run, (ended_soon, "FAILED")).start()  # as a stopped trial's own process
+    tracker.wait_ended([ended_soon], timeout_s=60)
+    assert tracker.client.get_run(ended_soon).info.status == "FAILED"  # returned once it had ended
+    tracker.wait_ended([never_ended], timeout_s=1)  # a process killed before it ended its run: returns all the same
+    assert tracker.client.get_run(never_ended).info.status == "RUNNING"
+    tracker.end_run(never_ended, "KILLED")
 
 
 def test_a_stopped_trial_and_the_stage_it_was_in_end_alike(tracker: Tracker):

@@ -387,8 +387,14 @@ def _record(
     )
     tracker.log_text(parent, table, "summary.txt")
     objective = f"best_{sweep.metric}"
+    run_ids = {
+        s.trial_id: tracker.find_run(sweep.tracking.experiment, f"{sweep.name}-{s.trial_id}", parent) for s in summaries
+    }
+    # A stopped trial's own process fails as Tune tears it down (its Train controller dies) and ends its runs FAILED,
+    # possibly after Tune has let go of it: let it finish, then end them KILLED.
+    tracker.wait_ended([run_ids[s.trial_id] for s in summaries if s.stopped_early and run_ids[s.trial_id]])
     for summary in summaries:
-        run_id = tracker.find_run(sweep.tracking.experiment, f"{sweep.name}-{summary.trial_id}", parent)
+        run_id = run_ids[summary.trial_id]
         if run_id:
             tracker.set_tags(
                 run_id, {"owl2.stopped_early": str(summary.stopped_early).lower(), "owl2.trial_status": summary.status}
