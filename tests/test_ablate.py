@@ -16,7 +16,7 @@ import yaml
 
 from owl2.ablate.report import ArmCost, TrialResult, build_report, headline_metrics, to_markdown, write_report
 from owl2.ablate.run import arm_cost, load_ablation, run_ablation, seeded
-from owl2.ablate.stats import NO_DIFFERENCE, TOO_FEW, paired_difference, summarise, verdict
+from owl2.ablate.stats import NO_DIFFERENCE, NO_SPREAD, TOO_FEW, paired_difference, summarise, verdict
 from owl2.config import ConfigError, ModelConfig
 from owl2.plan.flops import FlopModel
 from owl2.tune.sweep import split_stages
@@ -61,6 +61,8 @@ def test_paired_difference_uses_common_seeds_and_the_wording_follows_the_interva
     assert mixed.low < 0 < mixed.high and verdict(mixed, "max") == NO_DIFFERENCE
     assert verdict(paired_difference({0: 0.9}, {0: 0.1}), "max") == TOO_FEW  # one pair: no interval
     assert verdict(None, "max") == TOO_FEW
+    # Two seeds, each 12 of 300 questions better: a zero-width interval, not a detected difference.
+    assert verdict(paired_difference({0: 0.55, 1: 0.59}, {0: 0.51, 1: 0.55}), "max") == NO_SPREAD
 
 
 # ------------------------------------------------------------------------------------------ report

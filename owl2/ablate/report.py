@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from owl2.ablate.stats import NO_DIFFERENCE, Summary, paired_difference, summarise, verdict
+from owl2.ablate.stats import NO_DIFFERENCE, NO_SPREAD, Summary, paired_difference, summarise, verdict
 from owl2.tables import Column, format_table
 
 REPORT_FILE = "report.md"
@@ -252,7 +252,8 @@ def to_markdown(report: AblationReport) -> str:
         f"Per arm: n seeds, mean, standard deviation and {level} t-interval of the mean over seeds. Per arm against "
         f"the baseline: the mean of the paired differences (arm minus baseline, seed by seed) with its {level} "
         f"t-interval. An interval that contains zero is reported as **{NO_DIFFERENCE}**: these seeds cannot tell "
-        "the arms apart, which is not evidence that they are equal.",
+        "the arms apart, which is not evidence that they are equal. When every seed gave the same difference, "
+        f"the interval has no width and the verdict is **{NO_SPREAD}**.",
     ]
     plots = plot_files(report)
     for metric, direction in report.directions.items():

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 NO_DIFFERENCE = "no detectable difference"
 TOO_FEW = "too few seeds for an interval"
+NO_SPREAD = "no spread over seeds: no interval (add seeds)"
 
 
 @dataclass(frozen=True)
@@ -57,9 +58,14 @@ def paired_difference(
 
 def verdict(difference: Summary | None, direction: str) -> str:
     """The words for a paired difference: an interval that holds zero is no detectable difference; otherwise
-    higher or lower than the baseline, and whether that is better for a metric of this ``direction``."""
+    higher or lower than the baseline, and whether that is better for a metric of this ``direction``. Without an
+    interval (one seed) or without spread (every seed the same difference) there is no verdict."""
     if difference is None or difference.low is None or difference.high is None:
         return TOO_FEW
+    if math.isclose(difference.low, difference.high, rel_tol=1e-9, abs_tol=1e-12):
+        # Every seed gave the same difference (accuracies move in steps of one item, so two seeds often do): the
+        # t-interval has no width (up to rounding), which says nothing of the uncertainty, not that there is none.
+        return NO_SPREAD
     if difference.low <= 0 <= difference.high:
         return NO_DIFFERENCE
     higher = difference.mean > 0
