@@ -33,6 +33,11 @@ def test_failures_are_described_in_one_line():
     assert describe_failure(_failed(r0=ValueError("bad\nvalue"))) == "worker 0 failed: ValueError: bad value"
     lost = WorkerGroupError("lost", {1: ActorDiedError()})
     assert describe_failure(lost) == "worker 1 lost (its process or node died)"
+    # Worker 0 failed in the collective it shared with worker 1, which died (as Ray reported a killed rank 1):
+    # the lost worker is the cause.
+    reset = RuntimeError("[gloo/transport/tcp/pair.cc:545] Read error [127.0.0.1]:45250: Connection reset by peer")
+    both = WorkerGroupError("lost", {0: UserExceptionWithTraceback(reset, "Traceback ..."), 1: ActorDiedError()})
+    assert describe_failure(both) == "worker 1 lost (its process or node died)"
     from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
 
     unhealthy = WorkerGroupError("lost", {0: WorkerHealthCheckFailedError("a worker health check failed", None)})

@@ -30,22 +30,28 @@ def unrecoverable_cause(error: BaseException) -> str | None:
     return None
 
 
+# How Ray reports a worker whose process or node died (a health check of a dead actor fails first).
+LOST = (
+    "ActorDiedError",
+    "ActorUnavailableError",
+    "RayActorError",
+    "WorkerCrashedError",
+    "WorkerHealthCheckFailedError",
+)
+
+
 def describe_failure(error: BaseException) -> str:
-    """``worker 1 lost (its process or node died)`` or ``worker 0 failed: ValueError: ...``, in one line."""
+    """``worker 1 lost (its process or node died)`` or ``worker 0 failed: ValueError: ...``, in one line.
+
+    A lost worker is named before the others: when a worker dies, the others fail too, in the collective they were
+    waiting in with it (gloo: ``Connection reset by peer``), and Ray may report both."""
     errors = worker_errors(error)
     if not errors:
         return " ".join(str(error).split())[:300]
+    lost = sorted(rank for rank, failure in errors.items() if type(failure).__name__ in LOST)
+    if lost:
+        return f"worker {lost[0]} lost (its process or node died)"
     rank, failure = sorted(errors.items())[0]
-    # How Ray reports a worker whose process or node died (a health check of a dead actor fails first).
-    lost = (
-        "ActorDiedError",
-        "ActorUnavailableError",
-        "RayActorError",
-        "WorkerCrashedError",
-        "WorkerHealthCheckFailedError",
-    )
-    if type(failure).__name__ in lost:
-        return f"worker {rank} lost (its process or node died)"
     return f"worker {rank} failed: {type(failure).__name__}: " + " ".join(str(failure).split())[:300]
 
 
