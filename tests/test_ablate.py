@@ -1,5 +1,6 @@
 """Ablations: the statistics and the report on hand-checked numbers, the config's validation before Ray, and one
-2-arm x 2-seed ablation end to end on local Ray (shared stage 1 per seed, report, MLflow)."""
+2-arm x 2-seed ablation end to end on local Ray (shared stage 1 per seed, report, MLflow), two trials at a time
+beside a process that keeps a CPU busy."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import math
 import subprocess
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 
 import mlflow
@@ -276,8 +278,23 @@ def world(pipeline_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return pipeline_dir
 
 
+@pytest.fixture
+def cpu_burner() -> Iterator[subprocess.Popen]:
+    """Another program keeping one of the machine's CPUs busy for the whole test, outside Ray."""
+    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    yield burner
+    burner.kill()
+    burner.wait()
+
+
 @pytest.mark.slow
-def test_two_arms_two_seeds_share_stage_one_per_seed_and_report(ray_cluster, world: Path, tmp_path: Path) -> None:
+def test_two_arms_two_seeds_share_stage_one_per_seed_and_report_beside_other_cpu_work(
+    ray_cluster, world: Path, tmp_path: Path, cpu_burner: subprocess.Popen
+) -> None:
+    # Two trials at once on the 2-CPU cluster, each a Train run with its own reservation and its own Ray Data
+    # tasks, while another program takes a CPU: the shape of a sweep that once waited forever (Ray's scheduling
+    # sees logical CPUs, so the burner only slows it; a reservation that starves its own trials' data tasks would
+    # hang it, and pytest-timeout would fail the test).
     steps = [
         f"stages.{stage}.{key}"
         for stage, n in (("stage1", 1), ("stage2", 2))
@@ -305,6 +322,7 @@ def test_two_arms_two_seeds_share_stage_one_per_seed_and_report(ray_cluster, wor
     outcome = run_ablation(ablation, base)
     report = outcome.report
 
+    assert cpu_burner.poll() is None  # the other work ran beside the whole ablation
     assert not report.failed and report.shared_stages == ["stage1"]
     for arm in report.arms.values():
         assert set(arm.values["val_loss"]) == {0, 1} and arm.metrics["eval/shapes/vqa/accuracy"].n == 2
