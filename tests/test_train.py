@@ -31,9 +31,11 @@ PIPELINE = Path(__file__).resolve().parents[1] / "experiments" / "tiny_cpu" / "p
 # Ten steps of 16 samples over 60 images, a checkpoint every 2 steps; a tiny evaluation (3 items) at the
 # checkpoints of steps 6 and 10.
 TEN_STEPS = ("stages.stage1.max_steps=10", "stages.stage1.eval.every=6", "stages.stage1.eval.limit=1")
-# Everything a checkpoint's state says about the data consumed (not resumed_at, which tells the resumes apart,
-# nor the skip counters records_seen and skipped, which count from the worker's start).
-POSITION = ("step", "epochs", "last_keys", "passes", "samples", "tokens", "images", "nonfinite_steps")
+# Everything a checkpoint's state says about the data consumed (not resumed_at, which tells the resumes apart).
+POSITION = (
+    *("step", "epochs", "last_keys", "passes", "samples", "tokens", "images", "nonfinite_steps"),
+    *("records_seen", "skipped"),  # the skip counters carry across restarts
+)
 LOST = "worker {rank} lost (its process or node died): resuming from step {step} (restart {restart} of {of})"
 pytestmark = pytest.mark.slow
 
@@ -250,6 +252,7 @@ def test_two_workers_learn_and_resume_exactly_after_faults_on_either_rank(ray_cl
     assert {key: state[key] for key in ("epochs", "last_keys", "passes", "samples")} == _uninterrupted_positions(
         experiment, "stage2"
     )
+    assert state["records_seen"] == state["samples"] and not state["skipped"]  # every record good, each counted once
     # Every step reported once or more (the steps replayed after a restart); a replayed step's loss is the
     # first one's: each resume continued the same computation.
     client = mlflow.MlflowClient(_tracking_uri(world))

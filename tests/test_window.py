@@ -81,3 +81,25 @@ def test_no_mfu_without_a_known_peak() -> None:
         and metrics["model_flops_per_s"] > 0
         and metrics["loss"] == pytest.approx(2.0)
     )
+
+
+def test_skip_counts_span_ranks_and_restarts() -> None:
+    # Rank 0 resumed from a checkpoint that had counted 40 records, 3 of them bad; then each rank read more.
+    resumed = TrainState(stage="stage1", step=4, skipped={"missing_file": 2, "too_long": 1}, records_seen=40)
+    rank0 = SkipStats()
+    rank0.carry(resumed.records_seen, resumed.skipped)
+    rank0.add()
+    rank0.add("missing_file", "a.png")
+    rank1 = SkipStats()
+    rank1.add("not_an_image", "b.png")
+
+    def gather(value):  # rank 0's view of an all_gather over two ranks
+        return [value, (LogWindow().totals()[0], rank1, None)]
+
+    window = LogWindow()
+    window.add(_batch([4], [2], [1]), torch.tensor(1.0), FLOPS, [2])
+    metrics = window_metrics(window, resumed, rank0, [1e-3], [{"name": "all"}], torch.tensor(0), gather)
+    assert resumed.records_seen == metrics["records_seen"] == 43
+    assert resumed.skipped == {"missing_file": 3, "too_long": 1, "not_an_image": 1}
+    assert metrics["records_skipped"] == 5 and metrics["skipped/missing_file"] == 3
+    assert SkipStats.total([rank0, rank1]).examples == {"missing_file": ["a.png"], "not_an_image": ["b.png"]}

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +129,19 @@ class SkipStats:
             kept = self.examples.setdefault(error, [])
             if len(kept) < self.examples_per_reason:
                 kept.append(example)
+
+    @classmethod
+    def total(cls, parts: Iterable[SkipStats]) -> SkipStats:
+        """Every rank's counts (and examples) together."""
+        total = cls()
+        for part in parts:
+            total.merge(part)
+        return total
+
+    def carry(self, seen: int, skipped: Mapping[str, int]) -> None:
+        """Start from the counts of an earlier run of the stage (its checkpoint's), so totals span restarts."""
+        self.seen += seen
+        self.skipped.update(skipped)
 
     def merge(self, other: SkipStats) -> None:
         self.seen += other.seen

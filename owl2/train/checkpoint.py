@@ -18,12 +18,15 @@ import logging
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from owl2.errors import Unrecoverable
 from owl2.folders import DamagedFolder, replacing, verify
+
+if TYPE_CHECKING:
+    from owl2.data.sample import SkipStats
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +76,8 @@ class TrainState:
     nonfinite_steps: int = 0
     skipped: dict[str, int] = field(default_factory=dict)
     records_seen: int = 0
+    """Records read and records skipped by reason, every rank's together, since the stage began (across
+    restarts: a resumed rank 0 carries them on)."""
     resumed_at: list[int] = field(default_factory=list)
     """Steps at which this stage was resumed from a checkpoint (after a failure or a re-run)."""
 
@@ -90,6 +95,11 @@ class TrainState:
         # Checkpoints from before passes: the rest of the epoch in progress is a pass of its own.
         current = DataPass(*self.passes[rank]) if self.passes else DataPass(epoch, epoch + 1, 0)
         return DataPosition(epoch, self.last_keys[rank], current)
+
+    def record_skips(self, stats: SkipStats) -> None:
+        """Keep the skip counts of every rank together (:meth:`SkipStats.total`)."""
+        self.skipped = dict(stats.skipped)
+        self.records_seen = stats.seen
 
     def record_positions(self, positions: list[DataPosition]) -> None:
         """Keep every rank's position (gathered in rank order) for the checkpoint."""

@@ -190,6 +190,8 @@ class StageRun:
         self.peak_tflops = device_peak_tflops(job.experiment.resources)
         position = self.state.position(self.rank, self.world_size)
         self.data = ShardStream(job, self.spec, position, self.rank, self.world_size, lambda: self.state.step)
+        if self.rank == 0:  # the stage's counts so far, once: the other ranks' new records add to them when merged
+            self.data.stats.carry(self.state.records_seen, self.state.skipped)
         self.stepper = TrainStep(
             self.wrapped,
             self.optimizer,
@@ -351,7 +353,9 @@ class StageRun:
 
         self.state.nonfinite_steps = self.stepper.nonfinite_steps()  # a checkpoint waits for the device anyway
         self._check_nonfinite()
-        self.state.record_positions(_all_gather(self.data.position))
+        positions, stats = zip(*_all_gather((self.data.position, self.data.stats)), strict=True)
+        self.state.record_positions(list(positions))
+        self.state.record_skips(SkipStats.total(stats))  # exact here: a checkpoint need not be a logging step
         # Every rank takes part: under FSDP2 these gather the full states to rank 0.
         model_state = parallel.model_state_for_checkpoint(self.wrapped)
         optimizer_state = parallel.optimizer_state_for_checkpoint(self.wrapped, self.optimizer)

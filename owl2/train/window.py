@@ -116,15 +116,12 @@ def window_metrics(
     loss, supervised, micro, samples, tokens, images, model_flops, hardware_flops = (
         sum(values) for values in zip(*(part[0] for part in gathered), strict=True)
     )
-    merged = SkipStats()
-    for _, part, _ in gathered:
-        merged.merge(part)
+    merged = SkipStats.total(part for _, part, _ in gathered)
     state.samples += int(samples)
     state.tokens += int(tokens)
     state.images += int(images)
     state.nonfinite_steps = int(nonfinite)
-    state.skipped = dict(merged.skipped)
-    state.records_seen = merged.seen
+    state.record_skips(merged)
     metrics = {
         "step": state.step,
         "loss": loss / supervised if supervised else float("nan"),
