@@ -1,6 +1,6 @@
 """Ablations: the statistics and the report on hand-checked numbers, the config's validation before Ray, and one
 2-arm x 2-seed ablation end to end on local Ray (shared stage 1 per seed, report, MLflow), two trials at a time
-beside a process that keeps a CPU busy."""
+beside a process that burns CPU."""
 
 from __future__ import annotations
 
@@ -280,8 +280,10 @@ def world(pipeline_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def cpu_burner() -> Iterator[subprocess.Popen]:
-    """Another program keeping one of the machine's CPUs busy for the whole test, outside Ray."""
-    burner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    """Another program keeping a CPU busy for the whole test, outside Ray: at nice 10, as a background job would
+    run, so it takes every cycle the test leaves idle and about a tenth of a core the test wants (at full priority
+    it doubled the test's 150 s)."""
+    burner = subprocess.Popen([sys.executable, "-c", "import os\nos.nice(10)\nwhile True: pass"])
     yield burner
     burner.kill()
     burner.wait()
@@ -292,9 +294,9 @@ def test_two_arms_two_seeds_share_stage_one_per_seed_and_report_beside_other_cpu
     ray_cluster, world: Path, tmp_path: Path, cpu_burner: subprocess.Popen
 ) -> None:
     # Two trials at once on the 2-CPU cluster, each a Train run with its own reservation and its own Ray Data
-    # tasks, while another program takes a CPU: the shape of a sweep that once waited forever (Ray's scheduling
-    # sees logical CPUs, so the burner only slows it; a reservation that starves its own trials' data tasks would
-    # hang it, and pytest-timeout would fail the test).
+    # tasks, while another program burns CPU: the shape of a sweep that once waited forever. Ray schedules logical
+    # CPUs, so the burner only changes the timing; a reservation that starved its own trials' data tasks would
+    # hang the test, and the stall watchdog and pytest-timeout would say so.
     steps = [
         f"stages.{stage}.{key}"
         for stage, n in (("stage1", 1), ("stage2", 2))
