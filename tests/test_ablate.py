@@ -280,10 +280,10 @@ def world(pipeline_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 @pytest.fixture
 def cpu_burner() -> Iterator[subprocess.Popen]:
-    """Another program keeping a CPU busy for the whole test, outside Ray: at nice 10, as a background job would
-    run, so it takes every cycle the test leaves idle and about a tenth of a core the test wants (at full priority
-    it doubled the test's 150 s)."""
-    burner = subprocess.Popen([sys.executable, "-c", "import os\nos.nice(10)\nwhile True: pass"])
+    """Another program keeping a CPU busy for the whole test, outside Ray, as a background job: at nice 19, so it
+    takes every cycle the test leaves idle and a share of the rest (Ray's workers run at nice 15, its driver and
+    services at 0). At full priority it made the test take 333 s instead of 150 s, at nice 10 224 s."""
+    burner = subprocess.Popen([sys.executable, "-c", "import os\nos.nice(19)\nwhile True: pass"])
     yield burner
     burner.kill()
     burner.wait()

@@ -218,3 +218,18 @@ def test_layer_bench_prints_its_json():
         env=environment,
     )
     assert unknown.returncode == 2 and len(unknown.stderr.strip().splitlines()) == 1 and "'fast'" in unknown.stderr
+
+
+def test_step_bench_times_this_tree_beside_a_git_revision():
+    step_bench = LAYER_BENCH.parent / "step_bench.py"
+    environment = {**os.environ, "OMP_NUM_THREADS": "1"}
+    args = ["--against", "HEAD", "--batch", "1", "--iters", "1", "--rounds", "1", "--json"]
+    done = subprocess.run([sys.executable, str(step_bench), *args], capture_output=True, text=True, env=environment)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert set(result) == {"this", "HEAD"} and result["this"]["1"] > 0 and result["HEAD"]["1"] > 0
+    worktrees = subprocess.run(["git", "-C", str(LAYER_BENCH.parents[1]), "worktree", "list"], capture_output=True)
+    assert b"against" not in worktrees.stdout  # the revision's checkout is gone again
+
+    bad = subprocess.run([sys.executable, str(step_bench), "--against", "no-such-revision"], capture_output=True)
+    assert bad.returncode == 2 and b"no-such-revision" in bad.stderr
