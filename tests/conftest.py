@@ -1,5 +1,6 @@
 """Test-wide settings: no model hub, few threads, the shared golden vectors and one synthetic shapes world."""
 
+import json
 import os
 import random
 import socket
@@ -259,3 +260,12 @@ def ray_cluster():
         )
     yield ray
     ray.shutdown()
+
+
+def registered_steps(snapshot: Path) -> list[int]:
+    """The steps of the checkpoints Ray Train's controller has registered (its snapshot, beside the folders)."""
+    try:
+        results = json.loads(snapshot.read_text())["checkpoint_results"]
+    except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
+        return []
+    return [result["metrics"].get("step") for result in results]

@@ -88,21 +88,12 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def _registered_steps(snapshot: Path) -> list[int]:
-    """The steps of the checkpoints Ray Train's controller has registered (its snapshot, beside the folders)."""
-    try:
-        results = json.loads(snapshot.read_text())["checkpoint_results"]
-    except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
-        return []
-    return [result["metrics"].get("step") for result in results]
-
-
 def _scenario(root: Path) -> dict:
     """Train to the checkpoint of step 2 on three nodes, remove a node that holds a worker, resume to step 4 on
     the two left (nodes are not added later: a node starting on a loaded machine can time out). The driver's
     restart line goes to stdout, the report is the last line."""
     import ray
-    from conftest import TRAIN_POLL_ENV
+    from conftest import TRAIN_POLL_ENV, registered_steps
     from ray.cluster_utils import Cluster
 
     from owl2.data.pipeline import samples
@@ -131,7 +122,7 @@ def _scenario(root: Path) -> dict:
     def lose_a_worker_node() -> None:
         # The worker waits after its checkpoint of step 2 (the marker) until the controller has registered it.
         snapshot = root / "runs" / "two-nodes-stage1" / "checkpoint_manager_snapshot.json"
-        while not (marker.exists() and 2 in _registered_steps(snapshot)):
+        while not (marker.exists() and 2 in registered_steps(snapshot)):
             time.sleep(0.1)
         # The training workers' placement group (two bundles) says where they run.
         groups = ray.util.placement_group_table().values()

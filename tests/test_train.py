@@ -20,6 +20,7 @@ import pytest
 import ray
 import ray.train
 import torch
+from conftest import registered_steps
 from safetensors.torch import load_file
 
 from owl2.config import load_experiment
@@ -151,7 +152,7 @@ def test_a_killed_driver_is_re_run_and_resumes_exactly(straight, ray_cluster, wo
     before = _held_placement_groups()
     with open(tmp_path / "killed.out", "w") as out:
         driver = subprocess.Popen(command, cwd=world, env=env, stdout=out, stderr=subprocess.STDOUT)
-        while not (marker.exists() and 2 in _registered_steps(snapshot)):
+        while not (marker.exists() and 2 in registered_steps(snapshot)):
             assert driver.poll() is None, (tmp_path / "killed.out").read_text()[-4000:]
             time.sleep(0.2)
         assert _held_placement_groups() - before  # the killed run's worker group holds CPUs
@@ -176,15 +177,6 @@ def test_a_killed_driver_is_re_run_and_resumes_exactly(straight, ray_cluster, wo
 def _held_placement_groups() -> set[str]:
     """The placement groups that hold resources now."""
     return {key for key, group in ray.util.placement_group_table().items() if group["state"] != "REMOVED"}
-
-
-def _registered_steps(snapshot: Path) -> list[int]:
-    """The steps of the checkpoints Ray Train's controller has registered (its snapshot, beside the folders)."""
-    try:
-        results = json.loads(snapshot.read_text())["checkpoint_results"]
-    except (OSError, ValueError, KeyError):  # not written yet, or caught mid-write
-        return []
-    return [result["metrics"].get("step") for result in results]
 
 
 def _uninterrupted_positions(experiment, stage_name):
