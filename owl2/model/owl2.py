@@ -154,6 +154,41 @@ def splice_images(
     if num_images == 0:
         return Spliced(text_embeds, attention_mask, torch.zeros_like(is_image), labels, 0, sample_ids)
 
+    index, target, total = _splice_index(is_image, attention_mask, counts, per_image, row_lengths)
+
+    dim = text_embeds.shape[-1]
+    bank = torch.cat(
+        [text_embeds.view(-1, dim), image_tokens.reshape(-1, dim).to(text_embeds.dtype), text_embeds.new_zeros(1, dim)]
+    )
+    mask_bank = torch.cat([attention_mask.flatten(), attention_mask.new_ones(num_images * per_image + 1)])
+    mask_bank[-1] = 0
+    expanded_labels = None
+    if labels is not None:
+        label_bank = torch.cat([labels.flatten(), labels.new_full((num_images * per_image + 1,), IGNORE_INDEX)])
+        expanded_labels = label_bank[index]
+    visual_mask = (index >= batch * length) & (index < bank.shape[0] - 1)
+    expanded_ids = None
+    if sample_ids is not None:
+        # Each slot's position in input_ids; added padding takes the row's last column (its last sample).
+        text_rows = torch.arange(batch * length, device=device).view(batch, length)
+        origin = text_rows[:, -1:].repeat(1, total + 1)
+        origin.scatter_(1, target.view(batch, -1), text_rows[..., None].expand_as(target).reshape(batch, -1))
+        expanded_ids = sample_ids.flatten()[origin[:, :total]]
+    return Spliced(bank[index], mask_bank[index], visual_mask, expanded_labels, num_images * per_image, expanded_ids)
+
+
+def _splice_index(
+    is_image: torch.Tensor,
+    attention_mask: torch.Tensor,
+    counts: list[int],
+    per_image: int,
+    row_lengths: list[int] | None,
+) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Where :func:`splice_images` gathers each expanded slot from: ``index [B, total]`` into its bank of text
+    embeddings (``B*L`` rows), image tokens (``N*K`` rows) and one zero row (padding); ``target [B, L, K]``, the
+    slot each input position's ``k``-th token goes to (``total``: dropped); ``total``, the expanded length."""
+    batch, length = is_image.shape
+    device = is_image.device
     # Each position of input_ids covers 1 slot, or per_image slots for a placeholder.
     widths = torch.where(is_image, per_image, 1)
     starts = widths.cumsum(dim=1) - widths
@@ -176,29 +211,10 @@ def splice_images(
     # padding beyond the longest row given row_lengths.
     target = starts[..., None] + slot
     target = torch.where((is_image[..., None] | (slot == 0)) & (target < total), target, total)
-    pad_row = batch * length + num_images * per_image
+    pad_row = batch * length + sum(counts) * per_image
     index = torch.full((batch, total + 1), pad_row, dtype=torch.long, device=device)
     index.scatter_(1, target.view(batch, -1), source.view(batch, -1))
-    index = index[:, :total]
-
-    dim = text_embeds.shape[-1]
-    bank = torch.cat(
-        [text_embeds.view(-1, dim), image_tokens.reshape(-1, dim).to(text_embeds.dtype), text_embeds.new_zeros(1, dim)]
-    )
-    mask_bank = torch.cat([attention_mask.flatten(), attention_mask.new_ones(num_images * per_image + 1)])
-    mask_bank[-1] = 0
-    expanded_labels = None
-    if labels is not None:
-        label_bank = torch.cat([labels.flatten(), labels.new_full((num_images * per_image + 1,), IGNORE_INDEX)])
-        expanded_labels = label_bank[index]
-    visual_mask = (index >= batch * length) & (index < pad_row)
-    expanded_ids = None
-    if sample_ids is not None:
-        # Each slot's position in input_ids; added padding takes the row's last column (its last sample).
-        origin = text_rows[:, -1:].repeat(1, total + 1)
-        origin.scatter_(1, target.view(batch, -1), text_rows[..., None].expand_as(target).reshape(batch, -1))
-        expanded_ids = sample_ids.flatten()[origin[:, :total]]
-    return Spliced(bank[index], mask_bank[index], visual_mask, expanded_labels, num_images * per_image, expanded_ids)
+    return index[:, :total], target, total
 
 
 def count_labels(input_ids: torch.Tensor, labels: torch.Tensor, sample_ids: torch.Tensor | None = None) -> list[int]:
@@ -457,31 +473,9 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
         if layout is not None:
             self._check_layout(layout, input_ids, sample_ids, past_length)
             image_counts = layout.image_counts if image_counts is None else image_counts
-        packed = None
-        if past_length:
-            # Decoding after a prefill: new tokens are text, the mask already covers the expanded past.
-            if images is not None:
-                raise ValueError("images can only be given with the prompt, not with cached decoding steps")
-            spliced = Spliced(self.decoder.embed_tokens(input_ids), attention_mask, None, labels, 0)
-            step_visual_mask = None
-        else:
-            image_tokens = self.encode_images(images) if images is not None and images.shape[0] else None
-            spliced = splice_images(
-                input_ids,
-                self.decoder.embed_tokens,
-                image_tokens,
-                attention_mask,
-                labels,
-                image_counts,
-                row_lengths=layout.row_tokens if layout is not None else None,
-                sample_ids=sample_ids if layout is not None and layout.packed else None,
-            )
-            step_visual_mask = spliced.visual_mask if image_tokens is not None else None
-            if layout is not None and spliced.sample_ids is not None:
-                per_image = image_tokens.shape[1] if image_tokens is not None else 1
-                longest = layout.longest_span(per_image, spliced.sample_ids.shape[1])
-                packed = PackedRows(spliced.sample_ids, layout.samples, longest)
-
+        spliced, step_visual_mask, packed = self._embed(
+            input_ids, attention_mask, images, labels, image_counts, layout, sample_ids, past_length
+        )
         hidden, hidden_states = self.decoder(
             spliced.inputs_embeds,
             # Right-padded rows need no mask: causal attention never lets a real token see the padding after it.
@@ -492,14 +486,7 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
             visual_tokens=spliced.visual_tokens,
             packed=packed,
         )
-        if spliced.labels is not None and label_counts is not None:
-            logits, loss = None, self.label_loss(hidden, spliced.labels, sum(label_counts))
-        else:
-            logits, loss = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden), None
-            if spliced.labels is not None:
-                loss = F.cross_entropy(
-                    logits[:, :-1].flatten(0, 1).float(), spliced.labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX
-                )
+        logits, loss = self._head(hidden, spliced.labels, label_counts, logits_to_keep)
         return Owl2Output(
             loss=loss,
             logits=logits,
@@ -509,6 +496,54 @@ class Owl2ForCausalLM(PreTrainedModel, GenerationMixin):
             visual_mask=spliced.visual_mask,
             labels=spliced.labels,
         )
+
+    def _embed(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        images: torch.Tensor | None,
+        labels: torch.Tensor | None,
+        image_counts: list[int] | None,
+        layout: RowLayout | None,
+        sample_ids: torch.Tensor | None,
+        past_length: int,
+    ) -> tuple[Spliced, torch.Tensor | None, PackedRows | None]:
+        """The decoder's input: text embeddings with each image's tokens spliced in (none after a prefill), the
+        visual mask of this step's tokens (None: no image among them) and, for packed rows, their samples."""
+        if past_length:
+            # Decoding after a prefill: new tokens are text, the mask already covers the expanded past.
+            if images is not None:
+                raise ValueError("images can only be given with the prompt, not with cached decoding steps")
+            return Spliced(self.decoder.embed_tokens(input_ids), attention_mask, None, labels, 0), None, None
+        image_tokens = self.encode_images(images) if images is not None and images.shape[0] else None
+        spliced = splice_images(
+            input_ids,
+            self.decoder.embed_tokens,
+            image_tokens,
+            attention_mask,
+            labels,
+            image_counts,
+            row_lengths=layout.row_tokens if layout is not None else None,
+            sample_ids=sample_ids if layout is not None and layout.packed else None,
+        )
+        packed = None
+        if layout is not None and spliced.sample_ids is not None:
+            per_image = image_tokens.shape[1] if image_tokens is not None else 1
+            longest = layout.longest_span(per_image, spliced.sample_ids.shape[1])
+            packed = PackedRows(spliced.sample_ids, layout.samples, longest)
+        return spliced, spliced.visual_mask if image_tokens is not None else None, packed
+
+    def _head(
+        self, hidden: torch.Tensor, labels: torch.Tensor | None, label_counts: list[int] | None, logits_to_keep: int
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """(logits, loss): in training (``label_counts`` given) the loss alone, from the labelled positions."""
+        if labels is not None and label_counts is not None:
+            return None, self.label_loss(hidden, labels, sum(label_counts))
+        logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+        if labels is None:
+            return logits, None
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE_INDEX)
+        return logits, loss
 
     @staticmethod
     def _check_layout(
