@@ -4,7 +4,7 @@
 
     MLflow: ablation run   report.md, plots, results.json; arm.<arm>.<metric>.mean, ..., wall_time_s
               +- <name>-shared-seed<s>   the stages no arm changes, once per seed (when there are such stages)
-              +- <name>-<arm>-seed<s>    one trial: params ablation.arm and ablation.seed beside the config
+              +- <name>-<arm>-seed<s>    one trial: params ablation.arm, ablation.seed and the arm's keys
                    +- stage runs
 
 Trials come from :mod:`owl2.tune.sweep`'s machinery: a grid over ``arm`` and ``seed``, no scheduler (every
@@ -144,7 +144,9 @@ class AblationTrials:
         experiment.name = trial_name(self.name, arm, seed)
         if seed in self.shared_checkpoints:
             experiment.stages[self.stages[0]].init_from = self.shared_checkpoints[seed]
-        return experiment, {**to_dict(experiment), "ablation": {"arm": arm, "seed": seed}}
+        # Only what tells the trials apart, as MLflow's compare page should offer it; the whole config is the
+        # trial's experiment.yaml.
+        return experiment, {"ablation": {"arm": arm, "seed": seed}, **parse_overrides(self.ablation.arms[arm])}
 
 
 def trial_name(ablation: str, arm: str, seed: int) -> str:

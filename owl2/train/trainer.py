@@ -16,12 +16,14 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from owl2.config import ConfigError, ExperimentConfig, to_dict
+from owl2.train.sender import TrackingSender
 
 
 @dataclass
@@ -185,8 +187,11 @@ def run_experiment(
     tracker.log_params(parent, to_dict(experiment) if params is None else params)
     tracker.log_text(parent, config_yaml, "experiment.yaml")
 
+    # What the driver logs once a stage has run goes through a sender: a tracking server that is away then delays
+    # those calls (they are kept and sent when it is back) instead of failing a stage that has finished.
+    sender = TrackingSender(say)
     results: list[StageResult] = []
-    previous = None
+    previous, failed = None, True
     try:
         with (
             ProgressPrinter() if progress else nullcontext() as printer,
@@ -197,17 +202,16 @@ def run_experiment(
                     continue
                 init_from = stage.init_from or (previous.checkpoint.path if previous else None)
                 queue = printer.queue if printer is not None else None
-                result = run_stage(experiment, name, tracker, parent, config_yaml, init_from, callbacks, queue)
+                result = run_stage(experiment, name, tracker, sender, parent, config_yaml, init_from, callbacks, queue)
                 results.append(result)
                 previous = result
                 # After every stage: a later stage that fails leaves the earlier ones' results in the runs table.
-                tracker.log_headline(parent, list(experiment.stages))
-    except BaseException:
-        tracker.fail_run(parent)
-        raise
+                sender.submit(partial(tracker.log_headline, parent, list(experiment.stages)))
+        failed = False
     finally:
-        tracker.add_wall_time(parent, time.monotonic() - start)
-    tracker.end_run(parent, "FINISHED")
+        sender.submit(partial(tracker.add_wall_time, parent, time.monotonic() - start))
+        sender.submit(partial(tracker.fail_run, parent) if failed else partial(tracker.end_run, parent, "FINISHED"))
+        sender.close()
     return results
 
 
@@ -215,6 +219,7 @@ def run_stage(
     experiment: ExperimentConfig,
     name: str,
     tracker: Any,
+    sender: TrackingSender,
     parent_run_id: str,
     config_yaml: str,
     init_from: str | None,
@@ -222,7 +227,8 @@ def run_stage(
     progress: Any = None,
 ) -> StageResult:
     """One stage as a ``TorchTrainer`` run named ``<experiment>-<stage>`` (re-running it resumes it);
-    ``progress`` is the queue that carries the rank-0 worker's progress lines to this terminal."""
+    ``progress`` is the queue that carries the rank-0 worker's progress lines to this terminal; ``sender`` makes
+    the MLflow calls that follow the training."""
     import ray.train
 
     from owl2.tracking import data_fingerprint, run_tags
@@ -256,7 +262,7 @@ def run_stage(
         run_id=run_id,
         progress=progress,
     )
-    start = time.monotonic()
+    start, failed = time.monotonic(), True
     try:
         result = fit_with_restarts(
             lambda: stage_trainer(job, callbacks).fit(),  # Ray
@@ -266,15 +272,16 @@ def run_stage(
             job.run_name,
             say=say,
         )
-    except BaseException:
-        tracker.fail_run(run_id)
-        raise
+        if result.checkpoint is None:
+            raise RuntimeError(f"stage {name} finished without a checkpoint")
+        failed = False
     finally:
-        tracker.add_wall_time(run_id, time.monotonic() - start)
-    if result.checkpoint is None:
-        raise RuntimeError(f"stage {name} finished without a checkpoint")
-    tracker.set_tags(run_id, {"owl2.checkpoint": result.checkpoint.path})
-    tracker.end_run(run_id, "FINISHED")
+        sender.submit(partial(tracker.add_wall_time, run_id, time.monotonic() - start))
+        if failed:
+            sender.submit(partial(tracker.fail_run, run_id))
+        else:
+            sender.submit(partial(tracker.set_tags, run_id, {"owl2.checkpoint": result.checkpoint.path}))
+            sender.submit(partial(tracker.end_run, run_id, "FINISHED"))
     return StageResult(name, result.checkpoint, dict(result.metrics or {}), run_id)
 
 
