@@ -91,16 +91,17 @@ def _client(root):
 def test_a_sweep_stops_a_laggard_survives_a_crash_tracks_every_trial_and_a_rerun_retries_only_the_crash(
     ray_cluster, world, tmp_path
 ):
-    # One trial of each kind, in grid order: one that learns, one that diverges (NaN loss, then a crash: a retry
-    # would only repeat it, so trial_max_failures=0), and a learning rate too small to learn, which ASHA must stop
-    # against the first trial's results (one trial at a time: the first has reported every rung by then).
+    # One trial of each kind, in grid order: one that learns, one that diverges (the NaN limit ends its stage;
+    # Tune's retry of the trial fails at once with the same cause instead of training again), and a learning rate
+    # too small to learn, which ASHA must stop against the first trial's results (one trial at a time: the first
+    # has reported every rung by then).
     sweep, base = _stage2_sweep(
         tmp_path / "grid.yaml",
         world,
         "grid",
         {"stages.stage2.optim.lr": {"grid": [3.0e-3, 1.0e6, 1.0e-9]}},
         max_concurrent_trials=1,
-        trial_max_failures=0,
+        trial_max_failures=1,
     )
     summaries = run_sweep(sweep, base)
     by_lr = {s.values["stages.stage2.optim.lr"]: s for s in summaries}
@@ -108,6 +109,7 @@ def test_a_sweep_stops_a_laggard_survives_a_crash_tracks_every_trial_and_a_rerun
     assert by_lr[3e-3].status == "TERMINATED" and not by_lr[3e-3].stopped_early
     assert by_lr[1e-9].status == "TERMINATED" and by_lr[1e-9].stopped_early
     assert by_lr[1e6].status == "ERROR" and "NaN/inf" in by_lr[1e6].error
+    assert "the trial's retry did not run it again" in by_lr[1e6].error
     assert summaries[0] is by_lr[3e-3] and by_lr[3e-3].metric < by_lr[1e-9].metric  # best first
     # A stopped trial's Train run gives its CPUs back (its controller dies with the trial; Ray Train's cleaner
     # then removes its placement group): a reservation left behind starves every later trial of its data.

@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import json
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,10 @@ from owl2.config import (
     parse_overrides,
     to_dict,
 )
+from owl2.errors import StageFailed
+
+FAILED_FILE = "stage_failed.json"
+"""In a trial's folder: the unfixable stage failure of its last attempt, and which fit of the sweep it was in."""
 
 
 @dataclass
@@ -169,27 +174,49 @@ class SweepTrials:
         return experiment, trial_params(self.sweep, values, experiment.seed)
 
 
-def _trial(config: dict[str, Any], trials: Trials) -> None:
-    """One trial: its experiment (``trials.experiment``), run as Ray Train runs (``TorchTrainer``)."""
+def _trial(config: dict[str, Any], trials: Trials, fit_id: str) -> None:
+    """One trial: its experiment (``trials.experiment``), run as Ray Train runs (``TorchTrainer``).
+
+    A stage that failed in a way no restart can fix (:class:`StageFailed`: bad data beyond the limit, the NaN
+    limit, ...) is not run again when Tune retries the trial within the same :func:`fit_trials` call (``fit_id``):
+    the retry fails at once with the same cause. Re-running the sweep runs it again.
+    """
     import ray
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     experiment, params = trials.experiment(config, tune.get_context().get_trial_id())
+    record = Path(tune.get_context().get_trial_dir()) / FAILED_FILE
+    earlier = _failed_in(record, fit_id)
+    if earlier:
+        raise StageFailed(f"{earlier} (the trial's retry did not run it again: a restart cannot fix this)")
     # Ray: the trial runs in a placement group that captures child tasks, and Train V2 passes that on to its
     # workers, whose Ray Data tasks (1 CPU each) then no longer fit their worker's bundle. Started from a task
     # that leaves the placement group, Train behaves as outside Tune. The task fate-shares with the trial, so
     # a trial that ASHA stops takes its Train run down with it.
     leave_placement_group = ray.remote(num_cpus=0, max_retries=0, scheduling_strategy="DEFAULT")
-    ray.get(
-        leave_placement_group(_run_trial).remote(
-            experiment,
-            trials.stages,
-            trials.parent_run_id,
-            params,
-            TuneReportCallback(),  # Ray: forward Train reports to Tune (built here, in the Tune session)
+    try:
+        ray.get(
+            leave_placement_group(_run_trial).remote(
+                experiment,
+                trials.stages,
+                trials.parent_run_id,
+                params,
+                TuneReportCallback(),  # Ray: forward Train reports to Tune (built here, in the Tune session)
+            )
         )
-    )
+    except StageFailed as error:  # Ray raises the task's error as an instance of its cause
+        record.write_text(json.dumps({"fit_id": fit_id, "error": str(getattr(error, "cause", error))}))
+        raise
+
+
+def _failed_in(record: Path, fit_id: str) -> str | None:
+    """The unfixable failure that ``record`` holds from an earlier attempt of the same fit, if any."""
+    try:
+        failure = json.loads(record.read_text())
+    except (OSError, ValueError):
+        return None
+    return failure.get("error") if failure.get("fit_id") == fit_id else None
 
 
 def _run_trial(
@@ -255,7 +282,9 @@ def fit_trials(
 
     # The trial function only waits on its TorchTrainer: it must hold no CPU, or it would starve the training
     # workers and their data tasks (whole CPUs). Tune refuses an empty request, so ask for a little memory.
-    trainable = tune.with_resources(tune.with_parameters(_trial, trials=trials), {"memory": 64 * 1024**2})
+    fit_id = uuid.uuid4().hex  # this call's: a later re-run of the sweep runs failed trials again
+    trainable = tune.with_parameters(_trial, trials=trials, fit_id=fit_id)
+    trainable = tune.with_resources(trainable, {"memory": 64 * 1024**2})
     path = f"{storage.rstrip('/')}/{name}"
     if tune.Tuner.can_restore(path):
         tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
