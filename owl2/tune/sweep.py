@@ -206,6 +206,8 @@ def _trial(config: dict[str, Any], trials: Trials, fit_id: str) -> None:
             )
         )
     except StageFailed as error:  # Ray raises the task's error as an instance of its cause
+        # On the trial's node: a retry elsewhere (a multi-node cluster) trains again, as without this record.
+        record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"fit_id": fit_id, "error": str(getattr(error, "cause", error))}))
         raise
 
