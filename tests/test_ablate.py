@@ -365,7 +365,7 @@ def test_two_arms_two_seeds_share_stage_one_per_seed_and_report_beside_other_cpu
         for seed in (0, 1):
             trial = children[f"e2e-{arm}-seed{seed}"]
             # What tells the trials apart, as the compare page's axes; the whole config is experiment.yaml.
-            arm_params = {"stages.stage2.optim.lr": "0.003"} if arm == "fast" else {}
+            arm_params = {"stages.stage2.optim.lr": "3e-3"} if arm == "fast" else {}  # as the arm wrote it
             assert trial.data.params == {"ablation.arm": arm, "ablation.seed": str(seed), **arm_params}
             assert "experiment.yaml" in {artifact.path for artifact in client.list_artifacts(trial.info.run_id)}
             stage2 = _child(runs, trial, "stage2")
