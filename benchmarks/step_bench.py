@@ -55,14 +55,16 @@ def _batch(size: int, seed: int = 0) -> dict:
     """``size`` right-padded rows: bos, an image placeholder, then text; the last ``LABELLED`` tokens labelled."""
     import torch
 
+    from owl2.config import IGNORE_INDEX, IMAGE_TOKEN_INDEX
+
     generator = torch.Generator().manual_seed(seed)
     lengths = [190 - 30 * (row % 4) for row in range(size)]  # 190, 160, 130, 100, ...
     ids = torch.zeros(size, max(lengths), dtype=torch.long)
     mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
+    labels = torch.full_like(ids, IGNORE_INDEX)
     for row, length in enumerate(lengths):
         ids[row, :length] = torch.randint(3, 32000, (length,), generator=generator)
-        ids[row, 0], ids[row, 1] = 1, -200
+        ids[row, 0], ids[row, 1] = 1, IMAGE_TOKEN_INDEX  # bos, then the image
         mask[row, :length] = 1
         labels[row, length - LABELLED : length] = ids[row, length - LABELLED : length]
     images = torch.randn(size, 3, 224, 224, generator=generator)
